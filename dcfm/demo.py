@@ -1,0 +1,94 @@
+"""`make demo`: from nothing to segmented video in a few minutes on 2 CPU cores.
+
+1. generates a small synthetic labelled video corpus (real H.264 files + label maps);
+2. trains a small DCFM (ResNet-18) briefly with the symmetric-pair loss;
+3. saves the checkpoint (safetensors + model card);
+4. segments the held-out videos with keyframe reuse at several intervals, both modes, and prints mIoU,
+   VC8, label-free consistency and frames/s against the synthetic ground truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from dcfm.checkpoint import ModelCard, save_checkpoint
+from dcfm.datasets import SynthPairs
+from dcfm.devices import pick_device
+from dcfm.evaluation import evaluate_videos, synth_videos
+from dcfm.inference import InferenceConfig, KeyframePolicy, ReuseMode
+from dcfm.model import DCFM, DCFMConfig
+from dcfm.synth import SynthConfig, generate_corpus, load_manifest
+from dcfm.training import AugmentConfig, FitConfig, OptimConfig, fit
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("demo-data"))
+    parser.add_argument("--output", type=Path, default=Path("demo-output"))
+    parser.add_argument("--videos", type=int, default=10)
+    parser.add_argument("--held-out", type=int, default=2)
+    parser.add_argument("--frames", type=int, default=40)
+    parser.add_argument("--size", default="128x256")
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    height, width = (int(v) for v in args.size.split("x"))
+    device = pick_device(args.device)
+    torch.manual_seed(0)
+
+    t0 = time.perf_counter()
+    if not (args.data / "manifest.json").exists():
+        generate_corpus(args.data, SynthConfig(videos=args.videos, frames=args.frames, height=height, width=width))
+    manifest = load_manifest(args.data)
+    ids = [v.id for v in manifest.videos]
+    train_ids, held_out_ids = ids[: -args.held_out], ids[-args.held_out :]
+    print(f"[demo] corpus {args.data}: {len(ids)} videos x {args.frames} frames at {height}x{width} "
+          f"({time.perf_counter() - t0:.1f}s); training on {len(train_ids)}, evaluating on {held_out_ids}")
+
+    config = DCFMConfig(backbone="resnet18", num_classes=manifest.num_classes)
+    model = DCFM(config)
+    t1 = time.perf_counter()
+    fit(
+        model,
+        SynthPairs(args.data, video_ids=train_ids),
+        FitConfig(
+            steps=args.steps,
+            batch_size=4,
+            augment=AugmentConfig(crop=(height, width), scale=(1.0, 1.5)),
+            # From scratch (no pretrained weights can be downloaded here) AdamW converges far faster
+            # than the official SGD recipe, which assumes an ImageNet-initialised backbone.
+            optim=OptimConfig(name="adamw", lr=1e-3, decoder_lr_mult=1.0, weight_decay=1e-4, warmup_steps=5),
+        ),
+        device=device,
+    )
+    print(f"[demo] trained {args.steps} steps in {time.perf_counter() - t1:.0f}s")
+    card = ModelCard(config, list(manifest.classes), list(manifest.palette), train_size=(height, width))
+    digest = save_checkpoint(args.output / "checkpoint", model, card)
+    print(f"[demo] checkpoint {args.output / 'checkpoint'} (sha256 {digest[:12]})")
+
+    videos = synth_videos(manifest, held_out_ids)
+    print("\n| k | mode | mIoU | fwIoU | VC8 | label change | prev/next agree | keyframes | frames/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for k in (1, 2, 6):
+        for mode in (ReuseMode.CAUSAL, ReuseMode.BIDIRECTIONAL):
+            if k == 1 and mode is ReuseMode.BIDIRECTIONAL:
+                continue  # identical to causal when every frame is a keyframe
+            report = evaluate_videos(
+                model, videos, InferenceConfig(keyframes=KeyframePolicy(interval=k), mode=mode), manifest.classes
+            )
+            agree = "-" if math.isnan(report.mean_agreement) else f"{report.mean_agreement:.3f}"
+            print(
+                f"| {k} | {mode.value} | {report.scores.miou:.3f} | {report.scores.fwiou:.3f} | {report.vc[8]:.3f} | "
+                f"{report.label_change_rate:.3f} | {agree} | {report.keyframes}/{report.frames} | {report.fps:.1f} |"
+            )
+    print(f"\n[demo] done in {time.perf_counter() - t0:.0f}s; outputs in {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
