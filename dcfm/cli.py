@@ -80,8 +80,21 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_segment(p: argparse.ArgumentParser) -> None:
+    from dcfm.segment.cli import add_arguments
+
+    add_arguments(p)
+
+
+def _run_segment(args: argparse.Namespace) -> int:
+    from dcfm.segment.cli import run
+
+    return run(args)
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "synth": Subcommand("generate a procedural labelled video corpus", _add_synth, _run_synth),
+    "segment": Subcommand("segment every frame of a video corpus on Ray (Parquet outputs)", _add_segment, _run_segment),
 }
 
 

@@ -1,4 +1,8 @@
-"""Small PyAV helpers: sequential RGB decode and byte-deterministic H.264 encode."""
+"""Small PyAV helpers: sequential RGB decode and byte-deterministic H.264 encode.
+
+Chunked, frame-accurate decoding by URI (probe_video / decode_range / VideoError) lives in dcfm.decode
+and is re-exported here.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,16 @@ from pathlib import Path
 
 import av
 import numpy as np
+
+from dcfm.decode import (  # noqa: F401  (re-exported)
+    DecodedFrame,
+    VideoError,
+    VideoProbe,
+    decode_range,
+    frame_to_rgb,
+    open_input,
+    probe_video,
+)
 
 # x264 is deterministic for a fixed build when it runs single-threaded (sliced/frame threads
 # reorder rate-control decisions), and the muxer stops writing version strings and wall-clock

@@ -1,0 +1,249 @@
+"""The Ray Data actor that segments chunks: loads the model once, decodes in a background thread while
+the model computes, writes each chunk's frame rows to staging, and returns a small summary per chunk."""
+
+from __future__ import annotations
+
+import io
+import json
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dcfm import storage
+from dcfm.checkpoint import load_checkpoint
+from dcfm.decode import VideoError, decode_range
+from dcfm.devices import pick_device
+from dcfm.inference import ClipSegmenter, FrameResult, InferenceConfig, KeyframePolicy, ReuseMode
+from dcfm.metrics import label_change_rate
+from dcfm.schemas import output_schema
+from dcfm.segment.config import MaskResolution
+from dcfm.segment.outputs import OutputLayout, parquet_bytes, table_for
+from dcfm.segment.plan import ChunkTask, TaskError
+
+_DONE = object()
+
+
+@dataclass
+class ActorSettings:
+    """What every actor needs; picklable."""
+
+    checkpoint: str
+    model_digest: str
+    output: str
+    run_id: str
+    keyframes: KeyframePolicy
+    mode: ReuseMode
+    resolution: tuple[int, int]
+    mask_resolution: MaskResolution
+    batch_size: int
+    device: str
+    threads: int
+
+
+@dataclass
+class ChunkSummary:
+    """What the driver learns of a chunk; the frame rows themselves went to staging."""
+
+    video_id: str
+    uri: str
+    chunk_index: int
+    num_chunks: int
+    status: str  # ok | failed | empty
+    frames: int = 0
+    keyframes: int = 0
+    confidence_sum: float = 0.0
+    change_sum: float = 0.0
+    change_count: int = 0
+    agreement_sum: float = 0.0
+    agreement_count: int = 0
+    seconds: float = 0.0
+    probe: dict | None = None
+    error: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def prefetch(items: Iterable, depth: int) -> Iterator:
+    """Iterate ``items`` in a background thread, at most ``depth`` ahead: decoding overlaps compute
+    (PyAV and torch both release the GIL), and memory stays bounded."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                buffer.put(item)
+            buffer.put(_DONE)
+        except BaseException as err:  # re-raised in the consumer, with the decoder's own traceback
+            buffer.put(err)
+
+    thread = threading.Thread(target=produce, name="dcfm-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                buffer.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
+def encode_mask(labels: np.ndarray) -> bytes:
+    """Single-channel PNG: 8-bit, or 16-bit for label maps above 256 classes."""
+    image = Image.fromarray(labels if labels.dtype == np.uint8 else labels.astype(np.uint16))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def class_pixels(labels: np.ndarray) -> list[dict[str, int]]:
+    counts = np.bincount(labels.ravel())
+    present = np.flatnonzero(counts)
+    return [{"class_id": int(c), "pixels": int(counts[c])} for c in present]
+
+
+class ChunkSegmenter:
+    """Callable class for ``Dataset.map_batches``: one model per actor, one summary row per chunk."""
+
+    def __init__(self, settings: ActorSettings) -> None:
+        self.settings = settings
+        torch.set_num_threads(max(1, settings.threads))
+        self.device = pick_device(settings.device)
+        loaded = load_checkpoint(settings.checkpoint, self.device)
+        if loaded.digest != settings.model_digest:
+            raise RuntimeError(
+                f"{settings.checkpoint} changed while the job was running (weights digest {loaded.digest[:12]}, "
+                f"expected {settings.model_digest[:12]}); rerun the job"
+            )
+        self.model = loaded.model
+        self.card = loaded.card
+        self.layout = OutputLayout(settings.output)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
+        summaries = [self.run(ChunkTask.from_json(str(text))).to_json() for text in batch["task"]]
+        return {"video_id": [str(v) for v in batch["video_id"]], "summary": summaries}
+
+    def run(self, task: ChunkTask) -> ChunkSummary:
+        """Segment one chunk; any failure becomes a failed summary, never an exception."""
+        begin = time.perf_counter()
+        base = ChunkSummary(
+            task.video_id, task.uri, task.chunk_index, task.num_chunks, status="ok",
+            probe=asdict(task.probe) if task.probe else None,
+        )
+        if task.error is not None:
+            return replace(base, status="failed", error=asdict(task.error))
+        if task.chunk_index < 0:
+            return replace(base, status="empty")
+        try:
+            summary = self._segment(task, base)
+        except VideoError as err:
+            summary = replace(base, status="failed", error=asdict(TaskError(err.stage, type(err).__name__, str(err))))
+        except Exception as err:  # one bad chunk must not take the batch down; the driver records it
+            message = f"{task.uri} chunk {task.chunk_index}: {type(err).__name__}: {err}"
+            summary = replace(
+                base, status="failed",
+                error=asdict(TaskError("segment", type(err).__name__, message)),
+                extra={"traceback": traceback.format_exc(limit=8)},
+            )
+        summary.seconds = time.perf_counter() - begin
+        return summary
+
+    def _segment(self, task: ChunkTask, summary: ChunkSummary) -> ChunkSummary:
+        s = self.settings
+        assert task.probe is not None
+        source_size = (task.probe.height, task.probe.width)
+        output_size = source_size if s.mask_resolution is MaskResolution.SOURCE else s.resolution
+        segmenter = ClipSegmenter(
+            self.model,
+            InferenceConfig(
+                keyframes=s.keyframes, mode=s.mode, batch_size=s.batch_size, output_size=output_size,
+                mean=self.card.mean, std=self.card.std,
+            ),
+            device=self.device,
+        )
+        timestamps: dict[int, float] = {}
+
+        def frames() -> Iterator[np.ndarray]:
+            decoded = decode_range(task.uri, task.video_probe(), task.lead_start, task.decode_stop, size=s.resolution)
+            for frame in prefetch(decoded, 2 * s.batch_size):
+                timestamps[frame.index] = frame.timestamp_s
+                yield frame.rgb
+
+        lookahead = task.stop - task.lead_start if task.decode_stop > task.stop else None
+        rows: dict[str, list] = {name: [] for name in output_schema("frames").file_schema.names}
+        previous: np.ndarray | None = None
+        for result in segmenter.segment(frames(), start_index=task.lead_start, lookahead_from=lookahead):
+            if result.index >= task.start:
+                self._add_row(rows, task, result, previous, timestamps.pop(result.index), source_size, summary)
+            else:
+                timestamps.pop(result.index, None)
+            previous = result.labels
+        expected = task.stop - task.start
+        if summary.frames != expected:
+            raise VideoError(task.uri, "decode", f"{task.uri}: decoded {summary.frames} of the {expected} frames "
+                             f"of chunk {task.chunk_index} ({task.start}-{task.stop}); the file may be truncated")
+        storage.write_bytes_atomic(
+            self.layout.staging_file(s.run_id, task.video_id, task.chunk_index),
+            parquet_bytes(table_for("frames", rows)),
+        )
+        return summary
+
+    def _add_row(
+        self,
+        rows: dict[str, list],
+        task: ChunkTask,
+        result: FrameResult,
+        previous: np.ndarray | None,
+        timestamp: float,
+        source_size: tuple[int, int],
+        summary: ChunkSummary,
+    ) -> None:
+        change = label_change_rate(previous, result.labels) if previous is not None else None
+        values = {
+            "video_uri": task.uri,
+            "frame_index": result.index,
+            "timestamp_s": timestamp,
+            "is_keyframe": result.is_keyframe,
+            "keyframes": list(result.keyframes),
+            "height": source_size[0],
+            "width": source_size[1],
+            "mask_height": result.labels.shape[0],
+            "mask_width": result.labels.shape[1],
+            "mask_png": encode_mask(result.labels),
+            "class_pixels": class_pixels(result.labels),
+            "confidence": result.confidence,
+            "label_change_rate": change,
+            "keyframe_agreement": result.agreement,
+            "run_id": self.settings.run_id,
+            "model_digest": self.settings.model_digest,
+        }
+        for name, value in values.items():
+            rows[name].append(value)
+        summary.frames += 1
+        summary.keyframes += int(result.is_keyframe)
+        summary.confidence_sum += result.confidence
+        if change is not None:
+            summary.change_sum += change
+            summary.change_count += 1
+        if result.agreement is not None:
+            summary.agreement_sum += result.agreement
+            summary.agreement_count += 1

@@ -1,0 +1,124 @@
+"""Command line of the segment job: `dcfm segment ...` and `python jobs/segment.py ...` share it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+
+from dcfm.segment.config import ExitCode
+
+EPILOG = """\
+exit status:
+  0  every input was segmented (or was already committed) with status ok or empty
+  1  the job finished but some inputs failed; their rows are in OUTPUT/errors/ and OUTPUT/videos/
+  2  bad command line
+  3  the job itself failed (cluster, checkpoint, output not writable); rerun the same command to resume
+
+Rerunning a command resumes: committed videos are skipped and nothing is rewritten. S3 credentials and
+endpoint come from the standard AWS chain (AWS_* environment variables, profiles, instance roles).
+"""
+
+
+def _actors(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--actors takes MIN or MIN,MAX, got {text!r}") from None
+    if len(values) not in (1, 2) or not 1 <= values[0] <= values[-1]:
+        raise argparse.ArgumentTypeError(f"--actors takes MIN or MIN,MAX with 1 <= MIN <= MAX, got {text!r}")
+    return values[0], values[-1]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from dcfm.cli import _positive_int, parse_size
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = EPILOG
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="video files, directories, globs, s3:// prefixes, or a manifest (.txt, or .parquet with a uri column)")
+    p.add_argument("--output", required=True, metavar="URI", help="local directory or s3:// prefix for the outputs")
+    p.add_argument("--checkpoint", required=True, metavar="URI", help="checkpoint directory (local or s3://)")
+    p.add_argument("--keyframe-interval", "-k", type=_positive_int, default=2, metavar="K",
+                   help="one keyframe every K frames (default 2, the paper's)")
+    p.add_argument("--mode", choices=["causal", "bidirectional"], default="bidirectional",
+                   help="reuse the previous keyframe only, or sum previous and next (default)")
+    p.add_argument("--adaptive", action="store_true", help="adaptive keyframe scheduling instead of a fixed K")
+    p.add_argument("--min-interval", type=_positive_int, default=1, help="adaptive: minimum keyframe gap")
+    p.add_argument("--max-interval", type=_positive_int, default=6, help="adaptive: maximum keyframe gap")
+    p.add_argument("--threshold", type=float, default=0.1, help="adaptive: distance that triggers a keyframe")
+    p.add_argument("--score", choices=["rgb", "feature"], default="rgb",
+                   help="adaptive: mean |dRGB| (the authors') or shallow-feature cosine distance (TFC-style)")
+    p.add_argument("--chunk-frames", type=_positive_int, default=256,
+                   help="frames per chunk, rounded up to a multiple of K (default 256)")
+    p.add_argument("--resolution", type=parse_size, metavar="HxW",
+                   help="resolution the model runs at (default: the checkpoint's training size)")
+    p.add_argument("--mask-resolution", choices=["source", "model"], default="source",
+                   help="write masks at the video's resolution (default) or the model's")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="frames per model batch within a chunk")
+    p.add_argument("--actors", type=_actors, default=(1, 1), metavar="MIN[,MAX]",
+                   help="actor pool size; autoscales between MIN and MAX (default 1)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (1 on a GPU cluster)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor (also its torch threads)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if the actor has a GPU), cpu or cuda")
+    p.add_argument("--overwrite", action="store_true", help="redo committed videos")
+    p.add_argument("--retry-failed", action="store_true", help="redo videos committed as failed")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (videos, chunks, frames) and stop")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+
+
+def config_from_args(args: argparse.Namespace):
+    from dcfm.inference import KeyframePolicy
+    from dcfm.segment.config import SegmentJobConfig
+
+    return SegmentJobConfig(
+        inputs=list(args.inputs),
+        output=args.output,
+        checkpoint=args.checkpoint,
+        keyframes=KeyframePolicy(
+            interval=args.keyframe_interval, adaptive=args.adaptive, min_interval=args.min_interval,
+            max_interval=args.max_interval, threshold=args.threshold, score=args.score,
+        ),
+        mode=args.mode,
+        chunk_frames=args.chunk_frames,
+        resolution=args.resolution,
+        mask_resolution=args.mask_resolution,
+        batch_size=args.batch_size,
+        min_actors=args.actors[0],
+        max_actors=args.actors[1],
+        gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
+        device=args.device,
+        overwrite=args.overwrite,
+        retry_failed=args.retry_failed,
+        dry_run=args.dry_run,
+        ray_address=args.address,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from dcfm.checkpoint import CheckpointError
+    from dcfm.segment.job import run_segment_job
+
+    try:
+        config = config_from_args(args)
+    except ValueError as err:
+        print(f"dcfm segment: error: {err}", file=sys.stderr)
+        return ExitCode.USAGE
+    try:
+        return int(run_segment_job(config).exit_code)
+    except (CheckpointError, ValueError, FileNotFoundError, PermissionError) as err:
+        print(f"dcfm segment: job failed: {err}", file=sys.stderr)
+        return ExitCode.JOB_FAILED
+    except Exception:  # anything else is the job's failure too: say so, with the traceback
+        traceback.print_exc()
+        print("dcfm segment: job failed; rerun the same command to resume", file=sys.stderr)
+        return ExitCode.JOB_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="segment", description="Segment every frame of a video corpus with DCFM")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

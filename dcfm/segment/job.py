@@ -1,0 +1,298 @@
+"""The segment job's driver: plan, run the Ray Data pipeline, commit videos as they finish, summarise."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from urllib.parse import urlsplit, urlunsplit
+
+from dcfm import storage
+from dcfm.checkpoint import read_card
+from dcfm.decode import VideoError, probe_video
+from dcfm.segment.actor import ActorSettings, ChunkSegmenter, ChunkSummary
+from dcfm.segment.config import ExitCode, SegmentJobConfig
+from dcfm.segment.outputs import OutputLayout
+from dcfm.segment.plan import ChunkTask, TaskError, lead_in_frames, plan_tasks
+from dcfm.sources import InputItem, expand_inputs
+
+PACKAGES = ("dcfm", "torch", "timm", "ray", "pyarrow", "av", "numpy", "s3fs")
+
+
+def plan_video(row: dict, chunk_frames: int, lead_in: int) -> list[dict]:
+    """Ray Data flat_map: probe one input and emit its chunk tasks (or one failed pass-through task)."""
+    video_id, uri = str(row["video_id"]), str(row["uri"])
+    try:
+        probe = probe_video(uri)
+        tasks = plan_tasks(video_id, uri, probe, chunk_frames, lead_in)
+    except VideoError as err:
+        tasks = [ChunkTask(video_id, uri, -1, 1, error=TaskError(err.stage, type(err).__name__, str(err)))]
+    except Exception as err:  # an unexpected probe failure is still this input's failure alone
+        message = f"{uri}: {type(err).__name__}: {err}"
+        tasks = [ChunkTask(video_id, uri, -1, 1, error=TaskError("probe", type(err).__name__, message))]
+    return [{"video_id": video_id, "task": t.to_json()} for t in tasks]
+
+
+def redact(uri: str) -> str:
+    """Drop any user:password@ from a URI before it is logged or written."""
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        return urlunsplit((parts.scheme, host + (f":{parts.port}" if parts.port else ""), parts.path, parts.query, ""))
+    return uri
+
+
+@dataclass
+class VideoState:
+    """Chunk summaries of one video, until all have arrived."""
+
+    item: InputItem
+    summaries: list[ChunkSummary] = field(default_factory=list)
+
+    def complete(self) -> bool:
+        return bool(self.summaries) and len(self.summaries) == self.summaries[0].num_chunks
+
+
+@dataclass
+class JobSummary:
+    run_id: str
+    videos: int = 0
+    ok: int = 0
+    empty: int = 0
+    failed: int = 0
+    skipped: int = 0  # already committed
+    skipped_failed: int = 0  # already committed as failed
+    frames: int = 0
+    chunks: int = 0
+    seconds: float = 0.0
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode.INPUTS_FAILED if self.failed or self.skipped_failed else ExitCode.OK
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames / self.seconds if self.seconds else math.nan
+
+
+def video_row(state: VideoState, run_id: str, digest: str) -> tuple[dict, list[dict], list[int]]:
+    """The videos/ row, the errors/ rows and the chunks to publish, from a complete set of summaries."""
+    summaries = sorted(state.summaries, key=lambda s: s.chunk_index)
+    failed = [s for s in summaries if s.status == "failed"]
+    status = "failed" if failed else ("empty" if summaries[0].status == "empty" else "ok")
+    probe = next((s.probe for s in summaries if s.probe), None) or {}
+    frames = sum(s.frames for s in summaries)
+    change_n = sum(s.change_count for s in summaries)
+    agree_n = sum(s.agreement_count for s in summaries)
+    ok = status == "ok"
+    row = {
+        "video_id": state.item.video_id,
+        "video_uri": state.item.uri,
+        "status": status,
+        "error": failed[0].error["message"] if failed else None,
+        "frame_count": probe.get("frame_count"),
+        "fps": probe.get("fps"),
+        "codec": probe.get("codec"),
+        "width": probe.get("width"),
+        "height": probe.get("height"),
+        "duration_s": probe.get("duration_s"),
+        "chunks": 0 if summaries[0].chunk_index < 0 else len(summaries),
+        "keyframes": sum(s.keyframes for s in summaries) if ok else None,
+        "mean_confidence": sum(s.confidence_sum for s in summaries) / frames if ok and frames else None,
+        "mean_label_change_rate": sum(s.change_sum for s in summaries) / change_n if ok and change_n else None,
+        "mean_keyframe_agreement": sum(s.agreement_sum for s in summaries) / agree_n if ok and agree_n else None,
+        "seconds": sum(s.seconds for s in summaries),
+        "run_id": run_id,
+        "model_digest": digest,
+    }
+    errors = [
+        {
+            "video_id": state.item.video_id,
+            "video_uri": state.item.uri,
+            "chunk_index": s.chunk_index if s.chunk_index >= 0 else None,
+            **s.error,
+            "run_id": run_id,
+        }
+        for s in failed
+    ]
+    publish = [s.chunk_index for s in summaries] if ok else []
+    return row, errors, publish
+
+
+def _package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print) -> JobSummary:
+    """Run (or resume) the job described by ``config``; returns what happened."""
+    started = dt.datetime.now(dt.timezone.utc)
+    t0 = time.perf_counter()
+    items = expand_inputs(config.inputs)
+    card, digest = read_card(config.checkpoint)
+    resolution = tuple(config.resolution or card.train_size)
+    run_id = config.run_id(digest, resolution)
+    layout = OutputLayout(config.output)
+    committed = layout.committed()
+    summary = JobSummary(run_id=run_id, videos=len(items))
+    todo: list[InputItem] = []
+    for item in items:
+        marker = committed.get(item.video_id)
+        if marker is None or config.overwrite or (config.retry_failed and marker["status"] == "failed"):
+            todo.append(item)
+        else:
+            summary.skipped += 1
+            summary.skipped_failed += marker["status"] == "failed"
+    log(f"[segment] run {run_id}: {len(items)} inputs, {summary.skipped} already committed, {len(todo)} to do; "
+        f"model {card.config.backbone} ({digest[:12]}) at {resolution[0]}x{resolution[1]}")
+    if config.dry_run:
+        _print_plan(todo, config, log)
+        return summary
+    if not todo:
+        log("[segment] nothing to do: every input is committed (use --overwrite to redo, --retry-failed for failures)")
+        return summary
+
+    for item in todo:
+        layout.clear_video(item.video_id, run_id)
+    settings = ActorSettings(
+        checkpoint=config.checkpoint, model_digest=digest, output=config.output, run_id=run_id,
+        keyframes=config.keyframes, mode=config.mode, resolution=resolution,
+        mask_resolution=config.mask_resolution, batch_size=config.batch_size, device=config.device,
+        threads=max(1, int(config.cpus_per_actor)),
+    )
+    states = {item.video_id: VideoState(item) for item in todo}
+    progress = _Progress(log, config.progress_interval_s, len(todo))
+    for row in _pipeline(todo, config, settings).iter_rows():
+        chunk = ChunkSummary(**json.loads(row["summary"]))
+        state = states[chunk.video_id]
+        state.summaries.append(chunk)
+        summary.chunks += 1
+        summary.frames += chunk.frames
+        if chunk.status == "failed":
+            log(f"[segment] FAILED {redact(chunk.uri)} ({chunk.error['stage']}): {chunk.error['message']}")
+        if state.complete():
+            video, errors, publish = video_row(state, run_id, digest)
+            layout.commit_video(chunk.video_id, run_id, publish, video, errors)
+            setattr(summary, video["status"], getattr(summary, video["status"]) + 1)
+            summary.rows.append(video)
+            del states[chunk.video_id]
+        progress.update(summary)
+    summary.seconds = time.perf_counter() - t0
+    if states:  # cannot happen unless Ray dropped rows; refuse to pretend the job finished
+        raise RuntimeError(f"the pipeline ended with {len(states)} videos incomplete: {sorted(states)[:5]}")
+    _write_manifest(layout, config, summary, digest, resolution, started)
+    _print_summary(summary, log)
+    return summary
+
+
+def _pipeline(todo: list[InputItem], config: SegmentJobConfig, settings: ActorSettings):
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    if not ray.is_initialized():
+        ray.init(address=config.ray_address, log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own progress lines are stable in logs and CI
+    items = [{"video_id": i.video_id, "uri": i.uri} for i in todo]
+    lead_in = lead_in_frames(config.keyframes)
+    return (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .flat_map(plan_video, fn_kwargs={"chunk_frames": config.aligned_chunk_frames, "lead_in": lead_in})
+        .map_batches(
+            ChunkSegmenter,
+            fn_constructor_kwargs={"settings": settings},
+            compute=ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
+            batch_size=1,
+            num_cpus=config.cpus_per_actor,
+            num_gpus=config.gpus_per_actor,
+        )
+    )
+
+
+class _Progress:
+    def __init__(self, log: Callable[[str], None], interval: float, videos: int) -> None:
+        self.log, self.interval, self.videos = log, interval, videos
+        self.start = self.last = time.perf_counter()
+
+    def update(self, s: JobSummary) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        done = s.ok + s.empty + s.failed
+        self.log(f"[segment] {done}/{self.videos} videos committed, {s.chunks} chunks, {s.frames} frames, "
+                 f"{s.frames / (now - self.start):.1f} frames/s")
+
+
+def _print_plan(todo: list[InputItem], config: SegmentJobConfig, log: Callable[[str], None]) -> None:
+    lead_in = lead_in_frames(config.keyframes)
+    log("| video_id | uri | frames | fps | size | chunks |")
+    log("|---|---|---|---|---|---|")
+    total_frames = total_chunks = 0
+
+    def probe(item: InputItem):
+        try:
+            return item, probe_video(item.uri), None
+        except Exception as err:  # the plan reports bad inputs instead of stopping
+            return item, None, err
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for item, probe_result, err in pool.map(probe, todo):
+            if err is not None:
+                log(f"| {item.video_id} | {redact(item.uri)} | unreadable: {err} | | | |")
+                continue
+            tasks = plan_tasks(item.video_id, item.uri, probe_result, config.aligned_chunk_frames, lead_in)
+            chunks = 0 if tasks[0].chunk_index < 0 else len(tasks)
+            total_frames += probe_result.frame_count
+            total_chunks += chunks
+            log(f"| {item.video_id} | {redact(item.uri)} | {probe_result.frame_count} | {probe_result.fps:.2f} | "
+                f"{probe_result.width}x{probe_result.height} | {chunks} |")
+    log(f"[segment] plan: {len(todo)} videos, {total_chunks} chunks of up to {config.aligned_chunk_frames} frames, "
+        f"{total_frames} frames (dry run: nothing was loaded or written)")
+
+
+def _print_summary(s: JobSummary, log: Callable[[str], None]) -> None:
+    log("| video_id | status | frames | keyframes | mean confidence | label change | seconds |")
+    log("|---|---|---|---|---|---|---|")
+    for row in s.rows:
+        conf = "" if row["mean_confidence"] is None else f"{row['mean_confidence']:.3f}"
+        change = "" if row["mean_label_change_rate"] is None else f"{row['mean_label_change_rate']:.3f}"
+        frames = row["frame_count"] if row["status"] != "failed" else "-"
+        log(f"| {row['video_id']} | {row['status']} | {frames} | {row['keyframes'] or '-'} | {conf} | {change} | "
+            f"{row['seconds']:.1f} |")
+    log(f"[segment] {s.ok} ok, {s.empty} empty, {s.failed} failed, {s.skipped} skipped (already committed); "
+        f"{s.frames} frames in {s.seconds:.1f}s ({s.frames_per_second:.1f} frames/s); exit {int(s.exit_code)}")
+
+
+def _write_manifest(layout: OutputLayout, config: SegmentJobConfig, s: JobSummary, digest: str,
+                    resolution: tuple[int, int], started: dt.datetime) -> None:
+    settings = asdict(config)
+    settings["inputs"] = [redact(u) for u in config.inputs]
+    settings["output"] = redact(config.output)
+    settings["checkpoint"] = redact(config.checkpoint)
+    manifest = {
+        "format": "dcfm-segment-run/1",
+        "run_id": s.run_id,
+        "started": started.isoformat(),
+        "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "config": json.loads(json.dumps(settings, default=str)),
+        "resolution": list(resolution),
+        "checkpoint_digest": digest,
+        "packages": _package_versions(),
+        "counts": {"inputs": s.videos, "ok": s.ok, "empty": s.empty, "failed": s.failed, "skipped": s.skipped,
+                   "chunks": s.chunks, "frames": s.frames},
+        "timings": {"seconds": s.seconds, "frames_per_second": s.frames_per_second},
+    }
+    stamp = started.strftime("%Y%m%dT%H%M%S%fZ")
+    storage.write_bytes_atomic(layout.run_manifest(s.run_id, stamp), json.dumps(manifest, indent=2).encode())

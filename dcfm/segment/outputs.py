@@ -1,0 +1,140 @@
+"""Output layout, Parquet writing and the per-video commit protocol.
+
+    OUT/frames/video_id=<id>/part-<chunk>.parquet   one row per frame
+    OUT/videos/video_id=<id>/part-0.parquet         one row per input
+    OUT/errors/video_id=<id>/part-0.parquet         one row per failure
+    OUT/_commits/<id>.json                          the commit marker, written last
+    OUT/runs/<run_id>/<started>.json                one manifest per invocation that did work
+    OUT/_staging/<run_id>/<id>/part-<chunk>.parquet chunks written by actors before their video commits
+
+Actors write chunks to staging. When every chunk of a video has reported, the driver moves them into
+``frames/``, writes the ``videos/`` (and ``errors/``) rows, then the marker. Resume and readers trust only
+videos with a marker; before a video is (re)processed, whatever an interrupted run left of it is removed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dcfm import storage
+from dcfm.schemas import output_schema
+
+MARKER_FORMAT = "dcfm-segment-commit/1"
+
+
+def table_for(schema_name: str, rows: dict[str, list]) -> pa.Table:
+    """Build a table for the file schema of ``schema_name`` (partition columns dropped); validates types."""
+    schema = output_schema(schema_name).file_schema
+    return pa.Table.from_pydict({name: rows[name] for name in schema.names}, schema=schema)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    # One row group per chunk file keeps files self-contained; zstd compresses PNG-heavy rows little but
+    # the numeric columns well.
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    root: str
+
+    def frames_dir(self, video_id: str) -> str:
+        return storage.join(self.root, "frames", f"video_id={video_id}")
+
+    def frames_file(self, video_id: str, chunk: int) -> str:
+        return storage.join(self.frames_dir(video_id), f"part-{chunk:05d}.parquet")
+
+    def videos_dir(self, video_id: str) -> str:
+        return storage.join(self.root, "videos", f"video_id={video_id}")
+
+    def errors_dir(self, video_id: str) -> str:
+        return storage.join(self.root, "errors", f"video_id={video_id}")
+
+    def marker(self, video_id: str) -> str:
+        return storage.join(self.root, "_commits", f"{video_id}.json")
+
+    def staging_dir(self, run_id: str, video_id: str) -> str:
+        return storage.join(self.root, "_staging", run_id, video_id)
+
+    def staging_file(self, run_id: str, video_id: str, chunk: int) -> str:
+        return storage.join(self.staging_dir(run_id, video_id), f"part-{chunk:05d}.parquet")
+
+    def run_manifest(self, run_id: str, started: str) -> str:
+        return storage.join(self.root, "runs", run_id, f"{started}.json")
+
+    # --- state ---------------------------------------------------------------------------------------------
+    def committed(self) -> dict[str, dict[str, Any]]:
+        """video_id -> marker contents, for every committed video."""
+        fs, path = storage.filesystem(storage.join(self.root, "_commits"))
+        try:
+            names = fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return {}
+        markers = {}
+        for name in names:
+            if name.endswith(".json"):
+                data = json.loads(fs.cat_file(name))
+                markers[data["video_id"]] = data
+        return markers
+
+    def clear_video(self, video_id: str, run_id: str) -> None:
+        """Remove everything of a video: the marker first, so a crash midway leaves it uncommitted."""
+        for uri in (self.marker(video_id),):
+            fs, path = storage.filesystem(uri)
+            if fs.exists(path):
+                fs.rm(path)
+        for uri in (self.frames_dir(video_id), self.videos_dir(video_id), self.errors_dir(video_id),
+                    self.staging_dir(run_id, video_id)):
+            fs, path = storage.filesystem(uri)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+
+    # --- commit --------------------------------------------------------------------------------------------
+    def commit_video(
+        self,
+        video_id: str,
+        run_id: str,
+        staged_chunks: list[int],
+        video_row: dict[str, Any],
+        error_rows: list[dict[str, Any]],
+    ) -> None:
+        """Publish a finished video: frames (if it succeeded), its videos/errors rows, then the marker."""
+        for chunk in staged_chunks:
+            fs, src = storage.filesystem(self.staging_file(run_id, video_id, chunk))
+            _, dst = storage.filesystem(self.frames_file(video_id, chunk))
+            fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+            fs.mv(src, dst)
+        storage.write_bytes_atomic(
+            storage.join(self.videos_dir(video_id), "part-0.parquet"),
+            parquet_bytes(table_for("videos", {k: [v] for k, v in video_row.items()})),
+        )
+        if error_rows:
+            columns = {k: [row[k] for row in error_rows] for k in error_rows[0]}
+            storage.write_bytes_atomic(
+                storage.join(self.errors_dir(video_id), "part-0.parquet"), parquet_bytes(table_for("errors", columns))
+            )
+        marker = {
+            "format": MARKER_FORMAT,
+            "video_id": video_id,
+            "video_uri": video_row["video_uri"],
+            "status": video_row["status"],
+            "run_id": run_id,
+            "model_digest": video_row["model_digest"],
+            "frame_files": [self.frames_file(video_id, c).rsplit("/", 1)[-1] for c in staged_chunks],
+        }
+        storage.write_bytes_atomic(self.marker(video_id), json.dumps(marker, indent=2, sort_keys=True).encode())
+        self.discard_staging(run_id, video_id)
+
+    def discard_staging(self, run_id: str, video_id: str) -> None:
+        fs, path = storage.filesystem(self.staging_dir(run_id, video_id))
+        if fs.exists(path):
+            fs.rm(path, recursive=True)

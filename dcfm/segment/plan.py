@@ -1,0 +1,120 @@
+"""Split probed videos into chunk tasks.
+
+Chunks are ``aligned_chunk_frames`` long, a multiple of the keyframe interval, so a fixed schedule puts
+keyframes on the same frames whatever the chunking. To make every row independent of chunking, a chunk
+also decodes
+
+* a *lead-in* from the previous keyframe (``start - k``, fixed schedules): the frame before ``start`` is
+  segmented exactly as the previous chunk segments it, which gives ``label_change_rate`` of the chunk's
+  first frame;
+* one *look-ahead* frame (``stop``, the next chunk's first frame, always a keyframe): the next keyframe of
+  the chunk's last frames in bidirectional mode.
+
+Tasks travel through Ray Data as JSON strings: flat, schema-free rows that Arrow never has to guess.
+"""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from dataclasses import asdict, dataclass, field
+
+from dcfm.decode import VideoProbe
+from dcfm.inference import KeyframePolicy
+
+
+@dataclass
+class ProbeInfo:
+    """What the job needs of a probe, serialisable."""
+
+    frame_count: int
+    fps: float
+    codec: str
+    width: int
+    height: int
+    duration_s: float
+
+
+@dataclass
+class TaskError:
+    stage: str
+    error_type: str
+    message: str
+
+
+@dataclass
+class ChunkTask:
+    """One unit of actor work: frames [start, stop) of a video, or a pass-through for a failed/empty input."""
+
+    video_id: str
+    uri: str
+    chunk_index: int
+    num_chunks: int
+    start: int = 0
+    stop: int = 0
+    lead_start: int = 0  # first frame decoded (<= start)
+    decode_stop: int = 0  # one past the last frame decoded (stop + 1 with a look-ahead frame)
+    # The whole video's probe travels with each chunk: frame-accurate seeking needs every frame's pts and
+    # the seek points, and decoding from a keyframe before lead_start meets frames outside the chunk.
+    pts: list[int] = field(default_factory=list)
+    keyframes: list[int] = field(default_factory=list)
+    time_base: tuple[int, int] = (1, 1)
+    probe: ProbeInfo | None = None
+    error: TaskError | None = None  # set when the input failed before chunking (chunk_index is then -1)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    def video_probe(self) -> VideoProbe:
+        """The decoder's view of the video this chunk belongs to."""
+        assert self.probe is not None
+        p = self.probe
+        return VideoProbe(
+            uri=self.uri, frame_count=p.frame_count, pts=tuple(self.pts), time_base=Fraction(*self.time_base),
+            fps=p.fps, duration_s=p.duration_s, codec=p.codec, width=p.width, height=p.height,
+            keyframes=tuple(self.keyframes),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ChunkTask:
+        data = json.loads(text)
+        data["time_base"] = tuple(data["time_base"])
+        data["probe"] = ProbeInfo(**data["probe"]) if data["probe"] else None
+        data["error"] = TaskError(**data["error"]) if data["error"] else None
+        return cls(**data)
+
+
+def lead_in_frames(policy: KeyframePolicy) -> int:
+    """How far before a chunk's start decoding begins: back to the previous keyframe (fixed schedules).
+
+    Adaptive schedules start every chunk on a keyframe of its own and decode no lead-in, so the first
+    frame of each chunk has no label_change_rate (null) there.
+    """
+    return 0 if policy.adaptive else policy.interval
+
+
+def chunk_bounds(frame_count: int, chunk_frames: int) -> list[tuple[int, int]]:
+    """[start, stop) of every chunk."""
+    return [(s, min(s + chunk_frames, frame_count)) for s in range(0, frame_count, chunk_frames)]
+
+
+def probe_info(probe: VideoProbe) -> ProbeInfo:
+    return ProbeInfo(probe.frame_count, probe.fps, probe.codec, probe.width, probe.height, probe.duration_s)
+
+
+def plan_tasks(video_id: str, uri: str, probe: VideoProbe, chunk_frames: int, lead_in: int) -> list[ChunkTask]:
+    """The chunk tasks of one probed video (one pass-through task for an empty video)."""
+    n = probe.frame_count
+    info = probe_info(probe)
+    if n == 0:
+        return [ChunkTask(video_id, uri, chunk_index=-1, num_chunks=1, probe=info)]
+    bounds = chunk_bounds(n, chunk_frames)
+    time_base = (probe.time_base.numerator, probe.time_base.denominator)
+    return [
+        ChunkTask(
+            video_id, uri, index, len(bounds), start, stop,
+            lead_start=max(0, start - lead_in), decode_stop=min(n, stop + 1),
+            pts=list(probe.pts), keyframes=list(probe.keyframes), time_base=time_base, probe=info,
+        )
+        for index, (start, stop) in enumerate(bounds)
+    ]

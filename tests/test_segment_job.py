@@ -1,0 +1,259 @@
+"""The segment job end to end on a real local Ray (and a real SeaweedFS for s3://)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import duckdb
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+from PIL import Image
+
+from dcfm import storage
+from dcfm.checkpoint import ModelCard, save_checkpoint
+from dcfm.inference import KeyframePolicy
+from dcfm.model import DCFM, DCFMConfig
+from dcfm.schemas import output_schema
+from dcfm.segment.config import ExitCode, SegmentJobConfig
+from dcfm.segment.job import run_segment_job
+from dcfm.synth import SynthConfig, generate_corpus
+from dcfm.sources import expand_inputs
+from tests.videos import write_audio_only, write_bframe_video, write_vfr_video
+
+pytestmark = pytest.mark.slow
+
+H, W = 32, 64  # model resolution
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    """Good videos: two synth clips, an H.264 file with B-frames, a VFR file and a 3-frame clip."""
+    root = tmp_path_factory.mktemp("corpus")
+    generate_corpus(root / "synth", SynthConfig(videos=2, frames=13, height=48, width=96, seed=3))
+    videos = {p.stem: p for p in sorted((root / "synth" / "videos").glob("*.mp4"))}
+    videos["bframes"] = write_bframe_video(root / "bframes.mp4", frames=21, size=(40, 72))
+    videos["vfr"] = write_vfr_video(root / "vfr.mp4", frames=11, size=(32, 48))
+    videos["short"] = write_bframe_video(root / "short.mp4", frames=3, size=(32, 48))
+    return videos
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    config = DCFMConfig("pvt_v2_b0", num_classes=8)
+    model = DCFM(config).eval()
+    card = ModelCard(config, [f"c{i}" for i in range(8)], [(i * 30, i * 30, i * 30) for i in range(8)], (H, W))
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    save_checkpoint(path, model, card)
+    return str(path)
+
+
+def job(inputs, output, checkpoint, **kwargs) -> SegmentJobConfig:
+    kwargs.setdefault("keyframes", KeyframePolicy(interval=2))
+    kwargs.setdefault("progress_interval_s", 3600)
+    return SegmentJobConfig([str(i) for i in inputs], str(output), checkpoint, **kwargs)
+
+
+def read_table(root: str, name: str):
+    fs, path = storage.filesystem(storage.join(root, name))
+    return pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table()
+
+
+def frame_rows(root: str) -> dict[tuple[str, int], dict]:
+    table = read_table(root, "frames")
+    return {(r["video_id"], r["frame_index"]): r for r in table.to_pylist()}
+
+
+def sequential_timestamps(path: Path) -> list[float]:
+    with av.open(str(path)) as container:
+        return [float(f.pts * f.time_base) for f in container.decode(video=0)]
+
+
+def listing(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def clean_run(ray_local, corpus, checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "clean"
+    summary = run_segment_job(job(corpus.values(), out, checkpoint, chunk_frames=4))
+    return out, summary
+
+
+def test_every_frame_exactly_once_with_sequential_timestamps(clean_run, corpus) -> None:
+    out, summary = clean_run
+    assert summary.exit_code is ExitCode.OK and summary.ok == len(corpus)
+    rows = frame_rows(str(out))
+    ids = {item.uri: item.video_id for item in expand_inputs([str(p) for p in corpus.values()])}
+    for name, path in corpus.items():
+        video_id = ids[str(path.resolve())]
+        expected = sequential_timestamps(path)
+        got = sorted((i, r["timestamp_s"]) for (v, i), r in rows.items() if v == video_id)
+        assert [i for i, _ in got] == list(range(len(expected))), name
+        assert [t for _, t in got] == pytest.approx(expected, abs=1e-9), name
+
+
+def test_outputs_conform_to_schemas_and_masks_decode(clean_run) -> None:
+    out, _ = clean_run
+    for name in ("frames", "videos"):
+        table = read_table(str(out), name)
+        expected = output_schema(name).schema
+        for field in expected:
+            assert table.schema.field(field.name).type == field.type, (name, field.name)
+    for row in read_table(str(out), "frames").to_pylist():
+        mask = np.asarray(Image.open(io.BytesIO(row["mask_png"])))
+        assert mask.shape == (row["height"], row["width"]) == (row["mask_height"], row["mask_width"])
+        assert sum(c["pixels"] for c in row["class_pixels"]) == row["height"] * row["width"]
+        counts = np.bincount(mask.ravel(), minlength=8)
+        assert {c["class_id"]: c["pixels"] for c in row["class_pixels"]} == {
+            c: int(n) for c, n in enumerate(counts) if n
+        }
+        assert (row["keyframe_agreement"] is None) == (row["is_keyframe"] or len(row["keyframes"]) == 1)
+
+
+def test_duckdb_reads_hive_partitioned_frames(clean_run) -> None:
+    out, summary = clean_run
+    con = duckdb.connect()
+    n = con.execute(
+        f"select count(*) from read_parquet('{out}/frames/*/*.parquet', hive_partitioning = true)"
+    ).fetchone()[0]
+    assert n == summary.frames
+    per_video = con.execute(
+        f"select video_id, count(*) from read_parquet('{out}/frames/*/*.parquet', hive_partitioning = true) "
+        "group by video_id"
+    ).fetchall()
+    assert len(per_video) == summary.ok
+
+
+@pytest.mark.parametrize("mode", ["causal", "bidirectional"])
+def test_chunking_does_not_change_any_row(ray_local, corpus, checkpoint, tmp_path, mode) -> None:
+    small = run_segment_job(job(corpus.values(), tmp_path / "small", checkpoint, chunk_frames=2, mode=mode))
+    large = run_segment_job(job(corpus.values(), tmp_path / "large", checkpoint, chunk_frames=64, mode=mode))
+    assert small.chunks > large.chunks
+    rows_small, rows_large = frame_rows(str(tmp_path / "small")), frame_rows(str(tmp_path / "large"))
+    assert rows_small.keys() == rows_large.keys()
+    floats = {"confidence", "label_change_rate", "keyframe_agreement"}
+    for key, row in rows_small.items():
+        other = rows_large[key]
+        # Masks, keyframes and every exact field are identical; float summaries come out of differently
+        # composed batches and may differ in the last bits.
+        assert {k: v for k, v in row.items() if k not in floats} == {k: v for k, v in other.items() if k not in floats}
+        for name in floats:
+            if other[name] is None:
+                assert row[name] is None, (key, name)
+            else:
+                assert row[name] == pytest.approx(other[name], rel=1e-5, abs=1e-6), (key, name)
+
+
+def test_rerun_writes_nothing(clean_run, corpus, checkpoint) -> None:
+    out, _ = clean_run
+    before = listing(out)
+    summary = run_segment_job(job(corpus.values(), out, checkpoint, chunk_frames=4))
+    assert summary.skipped == len(corpus) and summary.chunks == 0
+    assert listing(out) == before
+
+
+def test_overwrite_replaces(clean_run, corpus, checkpoint) -> None:
+    out, _ = clean_run
+    one = next(iter(corpus.values()))
+    rows_before = frame_rows(str(out))
+    summary = run_segment_job(job([one], out, checkpoint, chunk_frames=8, overwrite=True))
+    assert summary.ok == 1
+    assert frame_rows(str(out)) == rows_before
+
+
+def test_bad_inputs_fail_alone(ray_local, corpus, checkpoint, tmp_path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.mp4").write_bytes(b"")
+    good_bytes = corpus["bframes"].read_bytes()
+    (bad / "truncated.mp4").write_bytes(good_bytes[: len(good_bytes) * 6 // 10])
+    (bad / "notes.mp4").write_text("this is not a video\n")
+    write_audio_only(bad / "audio.mp4")
+    missing = bad / "missing.mp4"
+    good = corpus["short"]
+    out = tmp_path / "out"
+    summary = run_segment_job(job([good, *sorted(bad.glob("*.mp4")), missing], out, checkpoint))
+    assert summary.exit_code is ExitCode.INPUTS_FAILED
+    videos = {r["video_uri"]: r for r in read_table(str(out), "videos").to_pylist()}
+    errors = read_table(str(out), "errors").to_pylist()
+    assert videos[str(good.resolve())]["status"] == "ok"
+    for name in ("empty.mp4", "truncated.mp4", "notes.mp4", "audio.mp4", "missing.mp4"):
+        uri = str((bad / name).resolve())
+        assert videos[uri]["status"] == "failed", name
+        mine = [e for e in errors if e["video_uri"] == uri]
+        assert mine and name in mine[0]["message"], (name, mine)
+    # Failed videos have no frame rows; the good one has all of its frames.
+    rows = frame_rows(str(out))
+    assert {v for v, _ in rows} == {videos[str(good.resolve())]["video_id"]}
+    # A rerun skips the committed failures, writes nothing, and still reports them.
+    before = listing(out)
+    again = run_segment_job(job([good, *sorted(bad.glob("*.mp4")), missing], out, checkpoint))
+    assert again.exit_code is ExitCode.INPUTS_FAILED and listing(out) == before
+
+
+def test_local_and_s3_outputs_are_identical(ray_local, corpus, checkpoint, tmp_path, s3_env) -> None:
+    videos = [corpus["bframes"], corpus["vfr"]]
+    local = run_segment_job(job(videos, tmp_path / "local", checkpoint, chunk_frames=4))
+    remote_root = f"{s3_env}/segment-out"
+    remote = run_segment_job(job(videos, remote_root, checkpoint, chunk_frames=4))
+    assert local.ok == remote.ok == 2
+    assert frame_rows(str(tmp_path / "local")) == frame_rows(remote_root)
+    strip = lambda rows: sorted(({k: v for k, v in r.items() if k != "seconds"} for r in rows), key=str)  # noqa: E731
+    assert strip(read_table(str(tmp_path / "local"), "videos").to_pylist()) == strip(
+        read_table(remote_root, "videos").to_pylist()
+    )
+    assert storage.exists(f"{remote_root}/_commits")
+    # The S3 secret never lands in any output object.
+    fs, path = storage.filesystem(remote_root)
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    for key in fs.find(path):
+        assert secret not in fs.cat_file(key), key
+
+
+def test_killed_run_resumes_to_the_clean_rows(ray_local, clean_run, corpus, checkpoint, tmp_path) -> None:
+    clean_out, _ = clean_run
+    out = tmp_path / "killed"
+    command = [
+        sys.executable, "-m", "dcfm", "segment", *[str(p) for p in corpus.values()], "--output", str(out),
+        "--checkpoint", checkpoint, "-k", "2", "--chunk-frames", "4",
+    ]
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list((out / "_commits").glob("*.json")):
+            if process.poll() is not None:
+                break
+            time.sleep(0.2)
+        committed_at_kill = len(list((out / "_commits").glob("*.json")))
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        except ProcessLookupError:
+            pass
+        process.wait()
+    assert 0 < committed_at_kill < len(corpus), "the kill should land midway through the run"
+    summary = run_segment_job(job(corpus.values(), out, checkpoint, chunk_frames=4))
+    assert summary.skipped == committed_at_kill
+    assert frame_rows(str(out)) == frame_rows(str(clean_out))
+    assert not list(out.glob("_staging/*/*/*.parquet"))
+
+
+def test_dry_run_loads_nothing_and_writes_nothing(corpus, checkpoint, tmp_path, capsys) -> None:
+    out = tmp_path / "dry"
+    summary = run_segment_job(job(corpus.values(), out, checkpoint, chunk_frames=4, dry_run=True), log=print)
+    assert summary.chunks == 0 and not out.exists()
+    printed = capsys.readouterr().out
+    assert "dry run" in printed and f"{len(corpus)} videos" in printed

@@ -1,0 +1,72 @@
+"""Chunk planning and the job's configuration rules (no Ray needed)."""
+
+from fractions import Fraction
+
+import pytest
+
+from dcfm.decode import VideoProbe
+from dcfm.inference import KeyframePolicy
+from dcfm.segment.config import SegmentJobConfig
+from dcfm.segment.job import redact
+from dcfm.segment.plan import ChunkTask, chunk_bounds, lead_in_frames, plan_tasks
+
+
+def probe(n: int) -> VideoProbe:
+    pts = tuple(range(0, 100 * n, 100))
+    return VideoProbe("v.mp4", n, pts, Fraction(1, 1000), 10.0, n / 10, "h264", 64, 32, keyframes=(0,))
+
+
+def test_chunks_cover_every_frame_once() -> None:
+    for n in (1, 5, 16, 17, 100):
+        for size in (1, 4, 16, 64):
+            covered = [i for start, stop in chunk_bounds(n, size) for i in range(start, stop)]
+            assert covered == list(range(n))
+
+
+def test_chunk_length_is_aligned_to_the_keyframe_interval() -> None:
+    config = SegmentJobConfig(["x.mp4"], "out", "ckpt", keyframes=KeyframePolicy(interval=6), chunk_frames=100)
+    assert config.aligned_chunk_frames == 102
+    adaptive = SegmentJobConfig(["x.mp4"], "out", "ckpt", keyframes=KeyframePolicy(adaptive=True), chunk_frames=100)
+    assert adaptive.aligned_chunk_frames == 100
+
+
+def test_tasks_carry_lead_in_and_lookahead() -> None:
+    tasks = plan_tasks("v", "v.mp4", probe(20), chunk_frames=8, lead_in=2)
+    assert [(t.start, t.stop, t.lead_start, t.decode_stop) for t in tasks] == [
+        (0, 8, 0, 9), (8, 16, 6, 17), (16, 20, 14, 20)
+    ]
+    assert all(t.num_chunks == 3 for t in tasks)
+    assert ChunkTask.from_json(tasks[1].to_json()) == tasks[1]
+    assert tasks[1].video_probe() == probe(20)
+
+
+def test_empty_video_is_one_pass_through_task() -> None:
+    (task,) = plan_tasks("v", "v.mp4", probe(0), chunk_frames=8, lead_in=2)
+    assert task.chunk_index == -1 and task.num_chunks == 1
+
+
+def test_lead_in_reaches_back_to_the_previous_keyframe() -> None:
+    assert lead_in_frames(KeyframePolicy(interval=6)) == 6
+    assert lead_in_frames(KeyframePolicy(adaptive=True)) == 0
+
+
+def test_run_id_depends_on_what_decides_rows_only() -> None:
+    base = SegmentJobConfig(["a.mp4"], "out", "ckpt")
+    same = SegmentJobConfig(["b.mp4", "c.mp4"], "s3://elsewhere", "ckpt2", chunk_frames=7, max_actors=3)
+    other_k = SegmentJobConfig(["a.mp4"], "out", "ckpt", keyframes=KeyframePolicy(interval=3))
+    assert base.run_id("d", (64, 128)) == same.run_id("d", (64, 128))
+    assert base.run_id("d", (64, 128)) != other_k.run_id("d", (64, 128))
+    assert base.run_id("d", (64, 128)) != base.run_id("e", (64, 128))
+    assert base.run_id("d", (64, 128)) != base.run_id("d", (32, 64))
+
+
+def test_bad_configuration_is_rejected() -> None:
+    with pytest.raises(ValueError, match="no inputs"):
+        SegmentJobConfig([], "out", "ckpt")
+    with pytest.raises(ValueError, match="--actors"):
+        SegmentJobConfig(["a"], "out", "ckpt", min_actors=3, max_actors=2)
+
+
+def test_credentials_never_reach_logs() -> None:
+    assert redact("s3://AKIA:secret@bucket/key.mp4") == "s3://bucket/key.mp4"
+    assert redact("/data/x.mp4") == "/data/x.mp4"
