@@ -172,6 +172,14 @@ def test_overwrite_replaces(clean_run, corpus, checkpoint) -> None:
     assert frame_rows(str(out)) == rows_before
 
 
+def test_resuming_with_other_settings_is_refused(clean_run, corpus, checkpoint) -> None:
+    out, _ = clean_run
+    before = listing(out)
+    with pytest.raises(ValueError, match="another model or settings"):
+        run_segment_job(job(corpus.values(), out, checkpoint, keyframes=KeyframePolicy(interval=3)))
+    assert listing(out) == before
+
+
 def test_bad_inputs_fail_alone(ray_local, corpus, checkpoint, tmp_path) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -257,3 +265,30 @@ def test_dry_run_loads_nothing_and_writes_nothing(corpus, checkpoint, tmp_path, 
     assert summary.chunks == 0 and not out.exists()
     printed = capsys.readouterr().out
     assert "dry run" in printed and f"{len(corpus)} videos" in printed
+
+
+def readme_block(marker: str, language: str) -> str:
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    after = text.split(f"<!-- {marker} -->", 1)[1]
+    return after.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_duckdb_query_runs_on_real_output(clean_run) -> None:
+    out, summary = clean_run
+    rows = duckdb.connect().execute(readme_block("readme-sql", "sql").replace("OUTPUT", str(out))).fetchall()
+    assert len(rows) == summary.ok
+    assert sum(r[1] for r in rows) == summary.frames
+    assert all(0 < r[2] <= 1 and 0 < r[3] <= 1 for r in rows)
+
+
+def test_readme_polars_query_runs_on_real_output(clean_run) -> None:
+    out, _ = clean_run
+    scope: dict = {}
+    exec(readme_block("readme-polars", "python").replace("OUTPUT", str(out)), scope)
+    share = scope["class_share"]
+    totals: dict[int, int] = {}
+    for row in read_table(str(out), "frames").to_pylist():
+        for c in row["class_pixels"]:
+            totals[c["class_id"]] = totals.get(c["class_id"], 0) + c["pixels"]
+    assert dict(zip(share["class_id"].to_list(), share["pixels"].to_list())) == totals
+    assert sum(share["share"].to_list()) == pytest.approx(1.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import queue
+import resource
 import threading
 import time
 import traceback
@@ -64,6 +65,7 @@ class ChunkSummary:
     agreement_sum: float = 0.0
     agreement_count: int = 0
     seconds: float = 0.0
+    peak_rss_mb: float = 0.0  # the actor's peak resident memory after this chunk
     probe: dict | None = None
     error: dict | None = None
     extra: dict = field(default_factory=dict)
@@ -165,6 +167,9 @@ class ChunkSegmenter:
                 extra={"traceback": traceback.format_exc(limit=8)},
             )
         summary.seconds = time.perf_counter() - begin
+        # ru_maxrss is the actor process's peak so far (KiB on Linux): memory stays bounded when it does not
+        # grow with video length.
+        summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return summary
 
     def _segment(self, task: ChunkTask, summary: ChunkSummary) -> ChunkSummary:

@@ -70,6 +70,7 @@ class JobSummary:
     frames: int = 0
     chunks: int = 0
     seconds: float = 0.0
+    peak_actor_rss_mb: float = 0.0
     rows: list[dict] = field(default_factory=list)
 
     @property
@@ -146,6 +147,12 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
     layout = OutputLayout(config.output)
     committed = layout.committed()
     summary = JobSummary(run_id=run_id, videos=len(items))
+    foreign = sorted({m["run_id"] for m in committed.values() if m["run_id"] != run_id})
+    if foreign and not config.overwrite:
+        raise ValueError(
+            f"{redact(config.output)} holds videos committed by run(s) {foreign} with another model or settings "
+            f"(this command is run {run_id}); resuming would mix them. Use a new --output, or --overwrite."
+        )
     todo: list[InputItem] = []
     for item in items:
         marker = committed.get(item.video_id)
@@ -179,6 +186,7 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
         state.summaries.append(chunk)
         summary.chunks += 1
         summary.frames += chunk.frames
+        summary.peak_actor_rss_mb = max(summary.peak_actor_rss_mb, chunk.peak_rss_mb)
         if chunk.status == "failed":
             log(f"[segment] FAILED {redact(chunk.uri)} ({chunk.error['stage']}): {chunk.error['message']}")
         if state.complete():
@@ -272,7 +280,8 @@ def _print_summary(s: JobSummary, log: Callable[[str], None]) -> None:
         log(f"| {row['video_id']} | {row['status']} | {frames} | {row['keyframes'] or '-'} | {conf} | {change} | "
             f"{row['seconds']:.1f} |")
     log(f"[segment] {s.ok} ok, {s.empty} empty, {s.failed} failed, {s.skipped} skipped (already committed); "
-        f"{s.frames} frames in {s.seconds:.1f}s ({s.frames_per_second:.1f} frames/s); exit {int(s.exit_code)}")
+        f"{s.frames} frames in {s.seconds:.1f}s ({s.frames_per_second:.1f} frames/s); "
+        f"peak actor memory {s.peak_actor_rss_mb:.0f} MiB; exit {int(s.exit_code)}")
 
 
 def _write_manifest(layout: OutputLayout, config: SegmentJobConfig, s: JobSummary, digest: str,
@@ -293,6 +302,7 @@ def _write_manifest(layout: OutputLayout, config: SegmentJobConfig, s: JobSummar
         "counts": {"inputs": s.videos, "ok": s.ok, "empty": s.empty, "failed": s.failed, "skipped": s.skipped,
                    "chunks": s.chunks, "frames": s.frames},
         "timings": {"seconds": s.seconds, "frames_per_second": s.frames_per_second},
+        "peak_actor_rss_mb": s.peak_actor_rss_mb,
     }
     stamp = started.strftime("%Y%m%dT%H%M%S%fZ")
     storage.write_bytes_atomic(layout.run_manifest(s.run_id, stamp), json.dumps(manifest, indent=2).encode())
