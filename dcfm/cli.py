@@ -92,9 +92,35 @@ def _run_segment(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _add_train(p: argparse.ArgumentParser) -> None:
+    from dcfm.train.cli import add_arguments
+
+    add_arguments(p)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from dcfm.train.cli import run
+
+    return run(args)
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    from dcfm.evaluate.cli import add_arguments
+
+    add_arguments(p)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from dcfm.evaluate.cli import run
+
+    return run(args)
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "synth": Subcommand("generate a procedural labelled video corpus", _add_synth, _run_synth),
     "segment": Subcommand("segment every frame of a video corpus on Ray (Parquet outputs)", _add_segment, _run_segment),
+    "train": Subcommand("train DCFM on symmetric frame pairs with Ray Train (checkpoints local or s3://)", _add_train, _run_train),
+    "evaluate": Subcommand("score a checkpoint on labelled videos: mIoU, wIoU, VC8/16, ms per key/non-key frame", _add_evaluate, _run_evaluate),
 }
 
 

@@ -161,9 +161,14 @@ class SynthPairs(PairDataset):
 
     layout = "synth"
 
-    def __init__(self, root: str | Path, delta: int = 1, video_ids: Iterable[str] | None = None) -> None:
+    def __init__(self, root: str | Path, delta: int = 1, video_ids: Iterable[str] | None = None,
+                 decoded_cache_mb: int = 0) -> None:
         self.root = Path(root)
         delta = _check_delta(delta)
+        # Decoding a pair from an MP4 means decoding from the video's start; a training loop that draws
+        # many pairs per video keeps whole decoded videos instead (per process, never pickled).
+        self.decoded_cache_mb = int(decoded_cache_mb)
+        self._cache: DecodedVideoCache | None = None
         manifest = _load_manifest(self.root)
         videos = list(manifest["videos"])
         if video_ids is not None:
@@ -191,8 +196,54 @@ class SynthPairs(PairDataset):
 
         if not Path(ref.labeled_path).is_file():
             raise FileNotFoundError(f"missing video: {ref.labeled_path}")
-        labeled, neighbour = read_frames(ref.labeled_path, [ref.labeled_index, ref.neighbour_index])
+        indices = [ref.labeled_index, ref.neighbour_index]
+        if self.decoded_cache_mb > 0:
+            if self._cache is None:
+                self._cache = DecodedVideoCache(self.decoded_cache_mb << 20)
+            labeled, neighbour = self._cache.frames(ref.labeled_path, indices)
+        else:
+            labeled, neighbour = read_frames(ref.labeled_path, indices)
         return _assemble(labeled, neighbour, _read_index_png(ref.label_path), ref)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": None}  # each process decodes for itself
+
+
+class DecodedVideoCache:
+    """Whole decoded videos kept in memory, least recently used evicted first, bounded in bytes.
+
+    A video larger than the bound is not kept (its frames are decoded per request, as without a cache).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self._videos: dict[str, list[np.ndarray]] = {}  # insertion order = recency
+        self._bytes = 0
+        self.decodes = 0  # whole-video decodes so far (for logs and tests)
+
+    def frames(self, path: str | Path, indices: Sequence[int]) -> list[np.ndarray]:
+        from dcfm.video import iter_frames, read_frames
+
+        key = str(path)
+        video = self._videos.pop(key, None)
+        if video is None:
+            self.decodes += 1
+            video = list(iter_frames(key))
+            size = sum(f.nbytes for f in video)
+            if size > self.max_bytes:
+                return [self._pick(video, key, i) for i in indices]  # too big to keep
+            while self._videos and self._bytes + size > self.max_bytes:
+                evicted = self._videos.pop(next(iter(self._videos)))
+                self._bytes -= sum(f.nbytes for f in evicted)
+            self._bytes += size
+        self._videos[key] = video
+        return [self._pick(video, key, i) for i in indices]
+
+    @staticmethod
+    def _pick(video: list[np.ndarray], path: str, index: int) -> np.ndarray:
+        if not 0 <= index < len(video):
+            raise IndexError(f"{path}: frame {index} past the end of the video ({len(video)} frames)")
+        return video[index]
 
 
 # cityscapesScripts helpers/labels.py: labelId -> trainId of the 19 evaluated classes. Every other id
@@ -401,6 +452,57 @@ def detect_layout(root: str | Path) -> str:
         f"cannot detect a dataset layout in {r}; expected one of: synth (manifest.json), "
         "cityscapes (leftImg8bit_sequence/ + gtFine/), vspw (data/<video>/origin/), "
         "camvid (<split>/ + <split>annot/ [+ frames/])")
+
+
+def stage_dataset(uri: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """A local directory holding the dataset at ``uri``: local paths as they are (made absolute), object-store
+    prefixes (``s3://...``) downloaded once into a cache and reused while the listing is unchanged.
+
+    The cache directory is named by the URI and a digest of the listing (keys, sizes, ETags), so changed
+    data is downloaded afresh; a lock file serialises processes on one node and the finished download is
+    moved into place atomically, so a half-copied tree is never used. ``cache_dir`` defaults to
+    ``$DCFM_DATA_CACHE`` or ``<tmp>/dcfm-data``.
+    """
+    import fcntl
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    from dcfm import storage
+
+    text = str(uri)
+    if "://" not in text or text.startswith("file://"):
+        return Path(text.removeprefix("file://")).expanduser().resolve()
+    fs, base = storage.filesystem(text)
+    base = base.rstrip("/")
+    listing = {path: info for path, info in fs.find(base, detail=True).items() if info.get("type") != "directory"}
+    if not listing:
+        raise FileNotFoundError(f"{text}: no objects under this prefix; check the URI and the S3 credentials/endpoint")
+    digest = hashlib.sha256(json.dumps(
+        sorted((p[len(base):], int(i.get("size") or 0), str(i.get("ETag") or i.get("etag") or "")) for p, i in listing.items())
+    ).encode()).hexdigest()[:16]
+    cache = Path(cache_dir or os.environ.get("DCFM_DATA_CACHE") or Path(tempfile.gettempdir()) / "dcfm-data")
+    target = cache / f"{hashlib.sha256(text.encode()).hexdigest()[:12]}-{digest}"
+    if target.is_dir():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process on this node waits, then finds the tree
+        if target.is_dir():
+            return target
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{target.name}."))
+        try:
+            remote = sorted(listing)
+            local = [str(tmp / p[len(base):].lstrip("/")) for p in remote]
+            for path in local:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            fs.get(remote, local)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
 
 
 def open_pair_dataset(root: str | Path, layout: str = "auto", split: str = "train", delta: int = 1,

@@ -1,18 +1,27 @@
-"""Evaluate clip inference on labelled videos: mIoU / fwIoU over labelled frames, VC_n where every frame
-is labelled, label-free consistency figures, and throughput."""
+"""Evaluate clip inference on labelled videos: mIoU / fwIoU over labelled frames (all, and non-keyframes
+only), VC_n where every frame is labelled, label-free consistency figures, and speed.
+
+Speed: inference wall time excludes decoding and resizing. It is split into ms per keyframe and ms per
+non-keyframe by timing the model stages *inside the real run* (:class:`StageTimer`): the shallow layers
+(shared equally by the frames of a batch), the deep layers + the keyframe's fusion term (keyframes only),
+and fusion + head (per frame and reference keyframe — twice for a bidirectional non-keyframe); what remains
+(upsampling, softmax, argmax, bookkeeping) is shared equally by all frames. So
+``K · ms_key + (N − K) · ms_non_key`` is the measured total, and ``fps = N / total``.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-from dcfm.inference import ClipSegmenter, InferenceConfig
+from dcfm.inference import ClipSegmenter, FrameResult, InferenceConfig
 from dcfm.metrics import ConfusionMatrix, SegmentationScores, VideoConsistency, label_change_rate
 from dcfm.model import DCFM
 from dcfm.synth import SynthManifest
@@ -21,16 +30,36 @@ from dcfm.video import iter_frames
 
 @dataclass(frozen=True)
 class LabelledVideo:
-    """A video file plus the label maps of (some of) its frames, keyed by frame index."""
+    """A clip — a video file, or ``frame_paths`` (image files in order) — plus the label maps of (some of) its
+    frames, keyed by position in the clip; ``label_lut`` maps raw label values to train ids (255 = ignore)."""
 
     video_id: str
     path: Path
     frames: int
     labels: dict[int, Path]
+    frame_paths: tuple[Path, ...] = ()
+    label_lut: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def fully_labelled(self) -> bool:
         return len(self.labels) == self.frames
+
+    def iter_frames(self) -> Iterator[np.ndarray]:
+        """RGB uint8 frames in clip order."""
+        if not self.frame_paths:
+            yield from iter_frames(self.path)
+            return
+        size = None
+        for p in self.frame_paths:
+            with Image.open(p) as image:
+                image = image.convert("RGB")
+                # A stand-in still (CamVid's are half the video's size) is brought to the clip's frame size.
+                size = size or image.size
+                yield np.asarray(image if image.size == size else image.resize(size, Image.BILINEAR), dtype=np.uint8)
+
+    def read_label(self, index: int) -> np.ndarray:
+        label = _read_label(self.labels[index])
+        return label if self.label_lut is None else self.label_lut[label]
 
 
 def synth_videos(manifest: SynthManifest, video_ids: Iterable[str] | None = None) -> list[LabelledVideo]:
@@ -55,15 +84,161 @@ class EvaluationReport:
     label_change_rate: float  # mean fraction of pixels whose predicted label changes frame to frame
     mean_agreement: float  # bidirectional: mean prev/next keyframe agreement over non-keyframes (NaN otherwise)
     per_video_keyframes: dict[str, list[int]] = field(default_factory=dict)
+    scores_non_key: SegmentationScores | None = None  # labelled non-keyframes only (None: there were none)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # shallow / deep / head (see StageTimer)
+    head_items: int = 0  # (frame, reference keyframe) pairs that went through fusion + head
 
     @property
     def fps(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else math.nan
 
+    @property
+    def ms_per_keyframe(self) -> float:
+        return 1000 * self._per_frame_costs()[0]
+
+    @property
+    def ms_per_non_keyframe(self) -> float:
+        return 1000 * self._per_frame_costs()[1]
+
+    def _per_frame_costs(self) -> tuple[float, float]:
+        n, k, items = self.frames, self.keyframes, self.head_items
+        st = self.stage_seconds
+        if not n or not k or not items or set(st) != {"shallow", "deep", "head"}:
+            return math.nan, math.nan
+        shared = (st["shallow"] + self.seconds - sum(st.values())) / n  # shallow layers + per-frame overhead
+        head = st["head"] / items
+        key = shared + st["deep"] / k + head
+        non_key = shared + head * (items - k) / (n - k) if n > k else math.nan
+        return key, non_key
+
+
+class StageTimer:
+    """Times the model stages ClipSegmenter calls, by wrapping them on the model instance for a ``with`` block.
+
+    Stages: ``shallow`` = ``model.independent``; ``deep`` = ``model.common`` + ``model.fusion.keyframe_term``;
+    ``head`` = ``model.logits_from_term`` (counting its batch items). On CUDA each call is synchronised so its
+    time is its own.
+    """
+
+    def __init__(self, model: DCFM) -> None:
+        self.model = model
+        self.seconds = {"shallow": 0.0, "deep": 0.0, "head": 0.0}
+        self.head_items = 0
+        self._cuda = next(model.parameters()).device.type == "cuda"
+
+    def _wrap(self, owner, name: str, stage: str, count: bool = False) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            if self._cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            if self._cuda:
+                torch.cuda.synchronize()
+            self.seconds[stage] += time.perf_counter() - start
+            if count:
+                self.head_items += int(args[1].shape[0])
+            return out
+
+        setattr(owner, name, timed)
+
+    def __enter__(self) -> StageTimer:
+        self._wrap(self.model, "independent", "shallow")
+        self._wrap(self.model, "common", "deep")
+        self._wrap(self.model.fusion, "keyframe_term", "deep")
+        self._wrap(self.model, "logits_from_term", "head", count=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name in ((self.model, "independent"), (self.model, "common"),
+                            (self.model.fusion, "keyframe_term"), (self.model, "logits_from_term")):
+            owner.__dict__.pop(name, None)  # the class's method shows through again
+
 
 def _read_label(path: Path) -> np.ndarray:
     with Image.open(path) as image:
         return np.asarray(image)
+
+
+def resize_frames(frames: list[np.ndarray], size: tuple[int, int] | None) -> list[np.ndarray]:
+    """Frames resized (bilinear, antialiased) to ``size`` = (H, W); unchanged when None or already that size."""
+    if size is None:
+        return frames
+    h, w = size
+    return [f if f.shape[:2] == (h, w) else np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in frames]
+
+
+MaskSink = Callable[[LabelledVideo, FrameResult], None]
+
+
+class SettingAccumulator:
+    """Scores and times one inference setting over clips fed to it one at a time."""
+
+    def __init__(self, model: DCFM, config: InferenceConfig, num_classes: int, vc_windows: tuple[int, ...] = (8, 16),
+                 mask_sink: MaskSink | None = None) -> None:
+        self.model, self.config, self.vc_windows, self.mask_sink = model, config, vc_windows, mask_sink
+        self.confusion = ConfusionMatrix(num_classes)
+        self.confusion_non_key = ConfusionMatrix(num_classes)
+        self.consistency = VideoConsistency(window_sizes=vc_windows)
+        self.timer = StageTimer(model)
+        self.frames = self.keyframes = 0
+        self.seconds = 0.0
+        self.change_rates: list[float] = []
+        self.agreements: list[float] = []
+        self.keyframes_by_video: dict[str, list[int]] = {}
+
+    def add(self, video: LabelledVideo, frames: list[np.ndarray], output_size: tuple[int, int] | None = None,
+            labels: dict[int, np.ndarray] | None = None) -> None:
+        """Segment one clip (frames already decoded and resized to the model's resolution) and score it.
+
+        ``labels``: the clip's label maps already read (``read_labels``), when several settings share a clip.
+        """
+        labels = read_labels(video) if labels is None else labels
+        config = self.config if output_size is None else replace(self.config, output_size=output_size)
+        segmenter = ClipSegmenter(self.model, config)
+        with self.timer:
+            start = time.perf_counter()
+            results = list(segmenter.segment(frames))
+            self.seconds += time.perf_counter() - start
+        predictions: list[np.ndarray] = []
+        previous = None
+        for result in results:
+            if result.index in labels:
+                label = labels[result.index]
+                self.confusion.update(result.labels, label)
+                if not result.is_keyframe:
+                    self.confusion_non_key.update(result.labels, label)
+            if previous is not None:
+                self.change_rates.append(label_change_rate(previous, result.labels))
+            if result.agreement is not None:
+                self.agreements.append(result.agreement)
+            if self.mask_sink is not None:
+                self.mask_sink(video, result)
+            previous = result.labels
+            predictions.append(result.labels)
+        self.keyframes_by_video[video.video_id] = [r.index for r in results if r.is_keyframe]
+        self.frames += len(results)
+        self.keyframes += len(self.keyframes_by_video[video.video_id])
+        if video.fully_labelled:
+            self.consistency.add_video(predictions, [labels[i] for i in range(video.frames)])
+
+    def report(self, class_names: Sequence[str]) -> EvaluationReport:
+        vc = {n: self.consistency.pooled(n) if self.consistency.num_videos else math.nan for n in self.vc_windows}
+        non_key = self.confusion_non_key.summary(list(class_names)) if self.confusion_non_key.total else None
+        return EvaluationReport(
+            scores=self.confusion.summary(list(class_names)),
+            vc=vc,
+            frames=self.frames,
+            keyframes=self.keyframes,
+            seconds=self.seconds,
+            label_change_rate=float(np.mean(self.change_rates)) if self.change_rates else math.nan,
+            mean_agreement=float(np.mean(self.agreements)) if self.agreements else math.nan,
+            per_video_keyframes=self.keyframes_by_video,
+            scores_non_key=non_key,
+            stage_seconds=dict(self.timer.seconds),
+            head_items=self.timer.head_items,
+        )
 
 
 def evaluate_videos(
@@ -72,45 +247,30 @@ def evaluate_videos(
     config: InferenceConfig,
     class_names: Sequence[str],
     vc_windows: tuple[int, ...] = (8, 16),
+    resolution: tuple[int, int] | None = None,
+    mask_sink: MaskSink | None = None,
 ) -> EvaluationReport:
-    """Segment every frame of every video and score against its labels (ignore index 255)."""
-    segmenter = ClipSegmenter(model, config)
-    confusion = ConfusionMatrix(len(class_names))
-    consistency = VideoConsistency(window_sizes=vc_windows)
-    frames = keyframes = 0
-    seconds = 0.0
-    change_rates: list[float] = []
-    agreements: list[float] = []
-    keyframes_by_video: dict[str, list[int]] = {}
+    """Segment every frame of every video and score against its labels (ignore index 255).
+
+    ``resolution`` (H, W): run the model on frames resized to it, predictions upsampled to the label size.
+    ``mask_sink(video, result)`` sees every predicted frame (e.g. to save masks).
+    """
+    accumulator = SettingAccumulator(model, config, len(class_names), vc_windows, mask_sink)
     for video in videos:
-        decoded = list(iter_frames(video.path))  # decode outside the timed region
-        predictions: list[np.ndarray] = []
-        start = time.perf_counter()
-        results = list(segmenter.segment(decoded))
-        seconds += time.perf_counter() - start
-        previous = None
-        for result in results:
-            if result.index in video.labels:
-                confusion.update(result.labels, _read_label(video.labels[result.index]))
-            if previous is not None:
-                change_rates.append(label_change_rate(previous, result.labels))
-            if result.agreement is not None:
-                agreements.append(result.agreement)
-            previous = result.labels
-            predictions.append(result.labels)
-        keyframes_by_video[video.video_id] = [r.index for r in results if r.is_keyframe]
-        frames += len(results)
-        keyframes += len(keyframes_by_video[video.video_id])
-        if video.fully_labelled:
-            consistency.add_video(predictions, [_read_label(video.labels[i]) for i in range(video.frames)])
-    vc = {n: consistency.pooled(n) if consistency.num_videos else math.nan for n in vc_windows}
-    return EvaluationReport(
-        scores=confusion.summary(list(class_names)),
-        vc=vc,
-        frames=frames,
-        keyframes=keyframes,
-        seconds=seconds,
-        label_change_rate=float(np.mean(change_rates)) if change_rates else math.nan,
-        mean_agreement=float(np.mean(agreements)) if agreements else math.nan,
-        per_video_keyframes=keyframes_by_video,
-    )
+        frames = list(video.iter_frames())  # decode outside the timed region
+        output_size = label_size(video, frames)
+        accumulator.add(video, resize_frames(frames, resolution), output_size)
+    return accumulator.report(class_names)
+
+
+def read_labels(video: LabelledVideo) -> dict[int, np.ndarray]:
+    """Every label map of a clip, mapped to train ids."""
+    return {i: video.read_label(i) for i in sorted(video.labels)}
+
+
+def label_size(video: LabelledVideo, frames: list[np.ndarray]) -> tuple[int, int] | None:
+    """(H, W) predictions must have to be scored: the first label map's, else the frames' own."""
+    if video.labels:
+        with Image.open(video.labels[min(video.labels)]) as image:
+            return image.height, image.width
+    return tuple(frames[0].shape[:2]) if frames else None

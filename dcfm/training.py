@@ -60,7 +60,7 @@ class PairAugment:
         frames = torch.stack(
             [torch.from_numpy(np.ascontiguousarray(sample.labeled)), torch.from_numpy(np.ascontiguousarray(sample.neighbour))]
         ).permute(0, 3, 1, 2)  # 2 x 3 x H x W uint8
-        label = torch.from_numpy(np.ascontiguousarray(sample.label))[None]  # 1 x H x W
+        label = torch.tensor(sample.label)[None]  # 1 x H x W; a copy: decoded PNGs are read-only
         height, width = label.shape[-2:]
         crop_h, crop_w = cfg.crop
         # Scale relative to the size that makes the crop fit, so small sources still fill the crop.

@@ -71,7 +71,8 @@ def ray_local(s3_server: S3Server) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         for key, value in s3_server.env_vars().items():
             patch.setenv(key, value)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        # address="local": always a new cluster, never one a `ray start` elsewhere on this machine left running.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         yield
     finally:

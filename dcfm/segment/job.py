@@ -216,7 +216,10 @@ def _pipeline(todo: list[InputItem], config: SegmentJobConfig, settings: ActorSe
     lead_in = lead_in_frames(config.keyframes)
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
-        .flat_map(plan_video, fn_kwargs={"chunk_frames": config.aligned_chunk_frames, "lead_in": lead_in})
+        # Probing reserves no CPU: it is mostly I/O, and the actor pool may hold every CPU of a small
+        # cluster, which would otherwise leave the planner unschedulable and the pipeline stalled.
+        .flat_map(plan_video, fn_kwargs={"chunk_frames": config.aligned_chunk_frames, "lead_in": lead_in},
+                  num_cpus=0)
         .map_batches(
             ChunkSegmenter,
             fn_constructor_kwargs={"settings": settings},
