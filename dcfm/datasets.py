@@ -476,7 +476,9 @@ def stage_dataset(uri: str | Path, cache_dir: str | Path | None = None) -> Path:
         return Path(text.removeprefix("file://")).expanduser().resolve()
     fs, base = storage.filesystem(text)
     base = base.rstrip("/")
-    listing = {path: info for path, info in fs.find(base, detail=True).items() if info.get("type") != "directory"}
+    fs.invalidate_cache(base)
+    listing = {path: info for path, info in fs.find(base, detail=True).items()
+               if info.get("type") != "directory" and not path.endswith("/")}  # "dir/" marker objects
     if not listing:
         raise FileNotFoundError(f"{text}: no objects under this prefix; check the URI and the S3 credentials/endpoint")
     digest = hashlib.sha256(json.dumps(

@@ -55,7 +55,8 @@ class LabelledVideo:
                 image = image.convert("RGB")
                 # A stand-in still (CamVid's are half the video's size) is brought to the clip's frame size.
                 size = size or image.size
-                yield np.asarray(image if image.size == size else image.resize(size, Image.BILINEAR), dtype=np.uint8)
+                # np.array, not asarray: a writable copy (torch warns when handed a read-only buffer).
+                yield np.array(image if image.size == size else image.resize(size, Image.BILINEAR), dtype=np.uint8)
 
     def read_label(self, index: int) -> np.ndarray:
         label = _read_label(self.labels[index])
@@ -166,7 +167,7 @@ def resize_frames(frames: list[np.ndarray], size: tuple[int, int] | None) -> lis
     if size is None:
         return frames
     h, w = size
-    return [f if f.shape[:2] == (h, w) else np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in frames]
+    return [f if f.shape[:2] == (h, w) else np.array(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in frames]
 
 
 MaskSink = Callable[[LabelledVideo, FrameResult], None]

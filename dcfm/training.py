@@ -57,9 +57,8 @@ class PairAugment:
         self, sample: PairSample, rng: np.random.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
-        frames = torch.stack(
-            [torch.from_numpy(np.ascontiguousarray(sample.labeled)), torch.from_numpy(np.ascontiguousarray(sample.neighbour))]
-        ).permute(0, 3, 1, 2)  # 2 x 3 x H x W uint8
+        # np.stack copies: decoded frames may be read-only arrays, which torch warns about sharing.
+        frames = torch.from_numpy(np.stack([sample.labeled, sample.neighbour])).permute(0, 3, 1, 2)  # 2x3xHxW uint8
         label = torch.tensor(sample.label)[None]  # 1 x H x W; a copy: decoded PNGs are read-only
         height, width = label.shape[-2:]
         crop_h, crop_w = cfg.crop

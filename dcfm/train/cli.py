@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=["auto", *LAYOUTS], default="auto", help="dataset layout (default: detect)")
     p.add_argument("--split", default="train", help="dataset split (default train)")
     p.add_argument("--delta", type=_positive_int, default=1, help="neighbour distance U = L ± delta (default 1)")
+    p.add_argument("--max-delta", type=_positive_int, default=None,
+                   help="draw the neighbour distance from DELTA..MAX_DELTA for every pair visit, so reuse is also "
+                        "trained over the gaps k-1 frames wide that inference at interval k has (default: DELTA)")
     p.add_argument("--backbone", default="resnet18", help="resnet18/50/101 or pvt_v2_b0..b5 (default resnet18)")
     p.add_argument("--pretrained", action="store_true", help="ImageNet backbone weights from the timm hub")
     p.add_argument("--workers", type=_positive_int, default=1, help="Ray Train workers (DDP ranks; default 1)")
@@ -65,7 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help="encoder learning rate (default: the recipe's)")
     p.add_argument("--decoder-lr-mult", type=float, default=None, help="decoder lr multiplier (recipe: 10 for AdamW)")
     p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default: the recipe's)")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps before poly decay")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warm-up steps before poly decay (default: the AdamW recipe's 1500, at most a "
+                        "tenth of --steps; none for SGD)")
     p.add_argument("--power", type=float, default=None, help="poly exponent (recipe: 0.9 SGD, 1.0 AdamW)")
     p.add_argument("--reuse-weight", type=float, default=None,
                    help="λ1, the non-keyframe CE weight (default: the paper's per dataset, 0.4; 0.2 for VSPW)")
@@ -89,13 +94,18 @@ def config_from_args(args: argparse.Namespace):
         if args.reuse_weight is None or args.consistency_weight is None:
             raise ValueError("give both --reuse-weight and --consistency-weight, or neither (the paper's values)")
         loss = LossWeights(args.reuse_weight, args.consistency_weight)
+    warmup = args.warmup_steps
+    if warmup is None:  # the official MiT recipe warms up for 1500 of 160k iterations; the ResNet one does not
+        adamw = OptimConfig(name=args.optimizer).resolved(args.backbone).name == "adamw"
+        warmup = min(1500, args.steps // 10) if adamw else 0
     return TrainJobConfig(
         data=args.data, output=args.output, layout=args.layout, split=args.split, delta=args.delta,
+        max_delta=args.max_delta,
         backbone=args.backbone, pretrained_backbone=args.pretrained, steps=args.steps, batch_size=args.batch_size,
         augment=AugmentConfig(crop=args.crop, scale=args.scale, max_rotation_deg=args.rotation,
                               flip=not args.no_flip, colour_jitter=args.jitter),
         optim=OptimConfig(name=args.optimizer, lr=args.lr, decoder_lr_mult=args.decoder_lr_mult,
-                          weight_decay=args.weight_decay, power=args.power, warmup_steps=args.warmup_steps),
+                          weight_decay=args.weight_decay, power=args.power, warmup_steps=warmup),
         loss=loss, seed=args.seed, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, max_failures=args.max_failures,

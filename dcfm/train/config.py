@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from dcfm.datasets import LAYOUTS
 from dcfm.losses import LossWeights
@@ -16,7 +17,7 @@ from dcfm.training import AugmentConfig, OptimConfig
 # Fields that say how a run executes, not what it learns: a rerun may change them and still resume.
 EXECUTION_FIELDS = (
     "output", "workers", "gpus_per_worker", "cpus_per_worker", "checkpoint_every", "keep_checkpoints",
-    "log_every", "max_failures", "decoded_cache_mb", "ray_address", "fail_at_step",
+    "log_every", "max_failures", "decoded_cache_mb", "data_cache", "ray_address", "fail_at_step",
 )
 
 
@@ -40,7 +41,8 @@ class TrainJobConfig:
     output: str  # run directory (local or s3://): RunConfig(storage_path=parent, name=basename)
     layout: str = "auto"
     split: str = "train"
-    delta: int = 1  # neighbour distance U = L ± delta
+    delta: int = 1  # neighbour distance U = L ± delta (the official configs: 1)
+    max_delta: int | None = None  # draw the distance from delta..max_delta per visit (None: delta only)
     backbone: str = "resnet18"
     pretrained_backbone: bool = False
     steps: int = 1000
@@ -57,25 +59,27 @@ class TrainJobConfig:
     log_every: int = 10
     max_failures: int = 3  # worker-group restarts (from the latest checkpoint) before the run fails
     decoded_cache_mb: int = 1024  # per worker: decoded synth videos kept in memory
+    data_cache: str | None = None  # where workers stage s3:// data (None: $DCFM_DATA_CACHE or <tmp>/dcfm-data)
     ray_address: str | None = None
     fail_at_step: int | None = None  # fault injection for tests: the last worker SIGKILLs itself here, once
 
     def __post_init__(self) -> None:
-        self.augment.crop = tuple(self.augment.crop)
-        self.augment.scale = tuple(self.augment.scale)
+        for name in ("crop", "scale", "mean", "std"):  # as tuples, also when read back from JSON
+            setattr(self.augment, name, tuple(getattr(self.augment, name)))
         if self.layout != "auto" and self.layout not in LAYOUTS:
             raise ValueError(f"--layout {self.layout!r}: expected 'auto' or one of {LAYOUTS}")
         for name in ("steps", "batch_size", "workers", "checkpoint_every", "keep_checkpoints", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.delta < 1:
-            raise ValueError(f"--delta must be >= 1, got {self.delta}")
+        if self.delta < 1 or (self.max_delta is not None and self.max_delta < self.delta):
+            raise ValueError(f"need 1 <= --delta <= --max-delta, got {self.delta} and {self.max_delta}")
         if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
             raise ValueError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
         self.data = _absolute(self.data)
         self.output = _absolute(self.output).rstrip("/")
         storage_path, name = self.storage_path_and_name
-        if not name or not storage_path or storage_path.endswith("://"):
+        in_bucket = "://" not in self.output or urlsplit(self.output).path.strip("/")
+        if not name or not storage_path or not in_bucket:
             raise ValueError(f"--output {self.output!r}: give a run directory below a bucket or folder, "
                              "e.g. s3://bucket/runs/run1 or ./runs/run1")
 

@@ -4,23 +4,49 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from dcfm.datasets import PairDataset, PairRef, detect_layout, open_pair_dataset, stage_dataset
 from dcfm.training import AugmentConfig, PairAugment, PairBatch
 
+Candidates = tuple[PairRef, ...]  # one labelled frame paired with each allowed neighbour distance
+T = TypeVar("T")
+
 
 def open_training_data(uri: str, layout: str = "auto", split: str = "train", delta: int = 1,
-                       decoded_cache_mb: int = 0) -> PairDataset:
-    """Stage ``uri`` locally when it is in object storage and open it as a pair dataset."""
-    root: Path = stage_dataset(uri)
+                       decoded_cache_mb: int = 0, cache_dir: str | None = None) -> PairDataset:
+    """Stage ``uri`` locally when it is in object storage (see ``stage_dataset``) and open it as pairs."""
+    root: Path = stage_dataset(uri, cache_dir)
     name = detect_layout(root) if layout == "auto" else layout
     extra = {"decoded_cache_mb": decoded_cache_mb} if name == "synth" else {}
     return open_pair_dataset(root, layout=name, split=split, delta=delta, **extra)
 
 
-def shard_refs(refs: Sequence[PairRef], rank: int, world_size: int) -> list[PairRef]:
+def open_training_pairs(uri: str, layout: str = "auto", split: str = "train", delta: int = 1,
+                        max_delta: int | None = None, decoded_cache_mb: int = 0,
+                        cache_dir: str | None = None) -> tuple[PairDataset, list[Candidates]]:
+    """The dataset plus, for each labelled frame, its pair with every neighbour distance ``delta..max_delta``.
+
+    Training draws one of them per visit, so the reuse path also learns the larger gaps between a keyframe
+    and the frames that reuse it at inference (up to k - 1), not only the official ``delta = 1``.
+    """
+    root = str(stage_dataset(uri, cache_dir))
+    dataset = open_training_data(root, layout, split, delta, decoded_cache_mb)
+    if max_delta is None or max_delta == delta:
+        return dataset, [(ref,) for ref in dataset.refs]
+    others = [open_training_data(root, dataset.layout, split, d).refs for d in range(delta + 1, max_delta + 1)]
+    for d, refs in zip(range(delta + 1, max_delta + 1), others):
+        same = len(refs) == len(dataset.refs) and all(
+            (a.video_id, a.labeled_index) == (b.video_id, b.labeled_index) for a, b in zip(refs, dataset.refs))
+        if not same:
+            raise ValueError(f"{uri}: the labelled frames differ between delta {delta} and {d}; "
+                             "use a smaller --max-delta")
+    return dataset, list(zip(dataset.refs, *others))
+
+
+def shard_refs(refs: Sequence[T], rank: int, world_size: int) -> list[T]:
     """Rank ``rank``'s share of the pairs (every ``world_size``-th one); never empty."""
     shard = list(refs[rank::world_size])
     if not shard:
@@ -35,12 +61,13 @@ class PairStream:
 
     Pairs are visited in a fresh permutation of the shard every epoch (no replacement within an epoch);
     each pair's augmentation draws one set of parameters applied to both of its frames and its label.
+    ``refs`` holds pairs, or tuples of candidate pairs for the same labelled frame (one drawn per visit).
     """
 
-    def __init__(self, dataset: PairDataset, refs: Sequence[PairRef], augment: AugmentConfig,
+    def __init__(self, dataset: PairDataset, refs: Sequence[PairRef | Candidates], augment: AugmentConfig,
                  batch_size: int, seed: int, rank: int) -> None:
-        self.dataset = dataset
-        self.refs = list(refs)
+        self.dataset = dataset  # loads any pair of its layout
+        self.refs: list[Candidates] = [r if isinstance(r, tuple) else (r,) for r in refs]
         self.augment = PairAugment(augment)
         self.batch_size = batch_size
         self.seed = seed
@@ -61,6 +88,12 @@ class PairStream:
             out.append(int(self._permutation[1][offset]))
         return out
 
+    def pairs(self, step: int) -> list[PairRef]:
+        """The pairs of batch ``step``: shard positions, then one candidate neighbour each."""
+        pick = np.random.default_rng([self.seed, self.rank, step, 0xDE17A])
+        chosen = [self.refs[i] for i in self.indices(step)]
+        return [c[int(pick.integers(len(c)))] if len(c) > 1 else c[0] for c in chosen]
+
     def batch(self, step: int) -> PairBatch:
-        samples = [self.dataset.load(self.refs[i]) for i in self.indices(step)]
+        samples = [self.dataset.load(ref) for ref in self.pairs(step)]
         return self.augment.batch(samples, np.random.default_rng([self.seed, self.rank, step]))

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 from dcfm import storage
 from dcfm.checkpoint import CARD_FILE, WEIGHTS_FILE
 from dcfm.train.config import RunMismatchError, TrainJobConfig, settings_difference
+from dcfm.train.state import STATE_JSON
 from dcfm.train.worker import CHECKPOINT_PREFIX, train_loop_per_worker
 
 RECORD_FILE = "dcfm-train.json"
@@ -77,6 +78,7 @@ def read_record(output: str) -> dict | None:
 def checkpoint_steps(output: str) -> list[int]:
     """Steps of the complete training checkpoints under ``output`` (a card marks one complete)."""
     fs, path = storage.filesystem(output)
+    fs.invalidate_cache(path)  # s3fs caches listings; the workers wrote here from other processes
     if not fs.exists(path):
         return []
     steps = []
@@ -104,7 +106,7 @@ def _check_same_run(config: TrainJobConfig, record: dict | None) -> None:
         return
     if record.get("format") != RECORD_FORMAT:
         raise RunMismatchError(f"{storage.join(config.output, RECORD_FILE)}: format {record.get('format')!r}, "
-                         f"expected {RECORD_FORMAT!r}; use another --output")
+                               f"expected {RECORD_FORMAT!r}; use another --output")
     diff = settings_difference(record["settings"], config.run_settings())
     if diff:
         raise RunMismatchError(
@@ -121,7 +123,7 @@ def _publish_final(checkpoint_uri: str, output: str) -> str:
 
 
 def _read_state(checkpoint_uri: str) -> dict:
-    return json.loads(storage.read_bytes(storage.join(checkpoint_uri, "train_state.json")))
+    return json.loads(storage.read_bytes(storage.join(checkpoint_uri, STATE_JSON)))
 
 
 def run_train_job(config: TrainJobConfig, log: Callable[[str], None] = print) -> TrainSummary:
@@ -171,14 +173,14 @@ def _preflight(config: TrainJobConfig) -> None:
         if not storage.exists(config.data):
             raise FileNotFoundError(f"--data {config.data}: nothing there; check the URI and the S3 credentials")
         return
-    from dcfm.train.data import open_training_data, shard_refs
+    from dcfm.train.data import open_training_pairs, shard_refs
 
-    dataset = open_training_data(config.data, config.layout, config.split, config.delta)
-    shard_refs(dataset.refs, config.workers - 1, config.workers)  # the smallest shard must not be empty
+    _, candidates = open_training_pairs(config.data, config.layout, config.split, config.delta, config.max_delta)
+    shard_refs(candidates, config.workers - 1, config.workers)  # the smallest shard must not be empty
 
 
 def _fit(config: TrainJobConfig):
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # the default in Ray >= 2.50; V1 has other semantics
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # already Ray 2.60's default; the V1 API differs
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

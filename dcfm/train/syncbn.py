@@ -2,10 +2,10 @@
 
 torch's ``nn.SyncBatchNorm`` refuses CPU tensors ("SyncBatchNorm expected input tensor to be on GPU"), so
 CPU workers use :class:`GlooSyncBatchNorm`: per-channel sums, sums of squares and counts are all-reduced
-by an autograd function whose backward all-reduces the gradients, giving the statistics of the global batch in the forward pass and their exact gradients in
-the backward pass. It runs on a process group of its own so its collectives never interleave with DDP's
-gradient buckets on the default group. Parameter and buffer names are those of ``BatchNorm2d``, so
-checkpoints load into a plain model.
+by an autograd function whose backward all-reduces the gradients, giving the statistics of the global batch
+in the forward pass and their exact gradients in the backward pass. It runs on a process group of its own
+so its collectives never interleave with DDP's gradient buckets on the default group. Parameter and buffer
+names are those of ``BatchNorm2d``, so checkpoints load into a plain model.
 """
 
 from __future__ import annotations

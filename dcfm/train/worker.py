@@ -2,17 +2,23 @@
 
 Each worker reads its own shard of pairs, restores the latest checkpoint when Ray hands one over (after a
 worker failure, or when a command is rerun on the same output), trains with DDP (gloo on CPU, NCCL on GPU)
-and synchronised BatchNorm, and reports metrics every ``log_every`` steps and a checkpoint every
-``checkpoint_every`` steps (and at the last step). Only rank 0 writes checkpoint files.
+and synchronised BatchNorm, logs loss and throughput every ``log_every`` steps, and reports a checkpoint
+with its metrics every ``checkpoint_every`` steps and at the last step. Only rank 0 writes checkpoint files.
+
+Only checkpoints go through ``ray.train.report``: a worker's report waits until the controller has taken the
+previous one (its queue holds one, polled every couple of seconds), so reporting every step would throttle
+training. Logged rows are kept in the training state and end up in the run record.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,7 +29,7 @@ from dcfm.checkpoint import CheckpointError, ModelCard, load_checkpoint
 from dcfm.losses import LossWeights
 from dcfm.model import DCFM, DCFMConfig
 from dcfm.train.config import TrainJobConfig
-from dcfm.train.data import PairStream, open_training_data, shard_refs
+from dcfm.train.data import PairStream, open_training_pairs, shard_refs
 from dcfm.train.state import (TrainState, load_optimizer_tensors, read_train_state, restore_optimizer,
                               save_training_checkpoint)
 from dcfm.train.syncbn import convert_sync_batchnorm
@@ -73,7 +79,8 @@ class _Window:
                                    terms.consistency.item()], dtype=torch.float64)
 
 
-def _metrics(window: _Window, step: int, config: TrainJobConfig, world: int, lr: float, epoch: float) -> dict[str, float]:
+def _metrics(window: _Window, step: int, config: TrainJobConfig, world: int, lr: float,
+             epoch: float) -> dict[str, float]:
     sums = window.sums.clone()
     if world > 1:  # the mean over all workers' batches, not rank 0's alone
         dist.all_reduce(sums)
@@ -88,32 +95,37 @@ def _metrics(window: _Window, step: int, config: TrainJobConfig, world: int, lr:
     }
 
 
-def train_loop_per_worker(config: TrainJobConfig) -> dict[str, Any]:
-    """Ray Train entry point; returns (on every rank) the step reached and where this attempt started."""
-    import ray.train
-    import ray.train.torch
+@dataclass
+class _Setup:
+    """Everything a worker trains with, built from the config and (when resuming) a checkpoint."""
+
+    stream: PairStream
+    weights: LossWeights
+    model: DCFM  # with synchronised BatchNorm when world > 1
+    network: torch.nn.Module  # the model, DDP-wrapped when world > 1
+    optimizer: torch.optim.Optimizer
+    card: ModelCard
+    state: TrainState
+    dataset_size: int
+    layout: str
+
+
+def _setup(config: TrainJobConfig, rank: int, world: int, device: torch.device, checkpoint) -> _Setup:
     from torch.nn.parallel import DistributedDataParallel
 
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(max(1, int(config.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-
-    dataset = open_training_data(config.data, config.layout, config.split, config.delta, config.decoded_cache_mb)
-    stream = PairStream(dataset, shard_refs(dataset.refs, rank, world), config.augment, config.batch_size,
+    dataset, candidates = open_training_pairs(config.data, config.layout, config.split, config.delta,
+                                              config.max_delta, config.decoded_cache_mb, config.data_cache)
+    stream = PairStream(dataset, shard_refs(candidates, rank, world), config.augment, config.batch_size,
                         config.seed, rank)
-    weights = config.loss or LossWeights.for_dataset(dataset.layout)
     model_config = DCFMConfig(config.backbone, num_classes=len(dataset.classes),
                               pretrained_backbone=config.pretrained_backbone)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = DCFM(model_config)
-    state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    restored = None
+    state, restored = TrainState(), None
     if checkpoint is not None:
         weights_state, state, optimizer_meta, optimizer_tensors = _restore(checkpoint, model_config)
         model.load_state_dict(weights_state)
-        restored = (optimizer_meta, optimizer_tensors)
+        restored = (optimizer_tensors, optimizer_meta)
     model.to(device)
     if world > 1:
         # A separate gloo group keeps BatchNorm's collectives apart from DDP's on the default group.
@@ -121,48 +133,91 @@ def train_loop_per_worker(config: TrainJobConfig) -> dict[str, Any]:
         model = convert_sync_batchnorm(model, device, group)
     optimizer = build_optimizer(model, config.optim)
     if restored is not None:
-        restore_optimizer(optimizer, restored[1], restored[0])
-    resolved = config.optim.resolved(config.backbone)
+        restore_optimizer(optimizer, *restored)
     network = model
     if world > 1:
         network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     card = ModelCard(model_config, list(dataset.classes), list(dataset.palette), train_size=tuple(config.augment.crop),
                      ignore_index=dataset.ignore_index)
+    weights = config.loss or LossWeights.for_dataset(dataset.layout)
+    return _Setup(stream, weights, model, network, optimizer, card, state, len(dataset), dataset.layout)
+
+
+def _quiet_report_logs() -> None:
+    """Ray Train logs every report at INFO with its metrics; our own step lines already say the same."""
+    try:  # its logger is named by the module's file path
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: keep its logs
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def train_loop_per_worker(config: TrainJobConfig) -> dict[str, Any]:
+    """Ray Train entry point; returns (on every rank) the step reached and where this attempt started."""
+    import ray.train
+    import ray.train.torch
+
+    _quiet_report_logs()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(config.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    checkpoint = ray.train.get_checkpoint()
+    run = _setup(config, rank, world, device, checkpoint)
+    state, resolved = run.state, config.optim.resolved(config.backbone)
 
     start = state.step
     state.attempt_starts.append(start)
     if rank == 0:
-        _log(f"[train] worker 0/{world}: {len(dataset)} pairs ({dataset.layout}), {len(stream.refs)} in this shard; "
-              f"{'resuming from step ' + str(start) if checkpoint is not None else 'starting'} of {config.steps} "
-              f"on {device}")
-    crash_here = (config.fail_at_step is not None and checkpoint is None and rank == world - 1)
+        _log(f"[train] worker 0/{world}: {run.dataset_size} pairs ({run.layout}), {len(run.stream.refs)} in this "
+             f"shard; {'resuming from step ' + str(start) if checkpoint is not None else 'starting'} of "
+             f"{config.steps} on {device}")
+    crash_here = config.fail_at_step is not None and checkpoint is None and rank == world - 1
+    last_saved: int | None = None
     window = _Window()
     for step in range(start, config.steps):
         t0 = time.perf_counter()
-        batch = stream.batch(step).to(device)
+        batch = run.stream.batch(step).to(device)
         window.data_seconds += time.perf_counter() - t0
         factor = poly_lr(step, config.steps, resolved.power, resolved.warmup_steps)
-        set_lr(optimizer, factor)
+        set_lr(run.optimizer, factor)
         torch.manual_seed(_step_seed(config.seed, rank, step))  # dropout: reproducible across resumes
-        window.add(train_step(network, optimizer, batch, weights))
+        window.add(train_step(run.network, run.optimizer, batch, run.weights))
         state.step = step + 1
         if crash_here and state.step == config.fail_at_step:
-            os.kill(os.getpid(), signal.SIGKILL)  # fault injection (tests): a worker dies as if OOM-killed
+            _die_after_registration(context, last_saved)
         save = state.step % config.checkpoint_every == 0 or state.step == config.steps
-        if not save and state.step % config.log_every:
-            continue
-        row = _metrics(window, state.step, config, world, resolved.lr * factor, stream.epoch_of(state.step))
-        state.history.append(row)
-        if rank == 0:
-            _log(f"[train] step {row['step']}/{config.steps} loss {row['loss']:.4f} (key {row['key_ce']:.4f} "
-                  f"reuse {row['reuse_ce']:.4f} pc {row['consistency']:.5f}) lr {row['lr']:.2e} | "
-                  f"{row['pairs_per_s']:.2f} pairs/s on {world} worker(s), data {100 * row['data_fraction']:.0f}%")
+        if save or state.step % config.log_every == 0:
+            # "lr" is the encoder's; the decoder's is decoder_lr_mult times it.
+            row = _metrics(window, state.step, config, world, resolved.lr * factor, run.stream.epoch_of(state.step))
+            state.history.append(row)
+            window = _Window()
+            if rank == 0:
+                _log(f"[train] step {row['step']}/{config.steps} loss {row['loss']:.4f} (key {row['key_ce']:.4f} "
+                     f"reuse {row['reuse_ce']:.4f} pc {row['consistency']:.5f}) lr {row['lr']:.2e} | "
+                     f"{row['pairs_per_s']:.2f} pairs/s on {world} worker(s), data {100 * row['data_fraction']:.0f}%")
         if save:
-            _report_checkpoint(row, state, model, card, optimizer, config, rank)
-        else:
-            ray.train.report(row)
-        window = _Window()
+            _report_checkpoint(row, state, run.model, run.card, run.optimizer, config, rank)
+            last_saved = state.step
     return {"step": state.step, "attempt_starts": state.attempt_starts, "trained_steps": state.step - start}
+
+
+def _die_after_registration(context, last_saved: int | None, timeout_s: float = 120.0) -> None:
+    """Fault injection for tests: SIGKILL this worker (as the OOM killer would), but only once Ray Train has
+    registered the latest checkpoint in its snapshot, so the test knows which step the run must resume from."""
+    if last_saved is not None:
+        storage = context.get_storage()
+        wanted = checkpoint_dir_name(last_saved).encode()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with storage.storage_filesystem.open_input_stream(storage.checkpoint_manager_snapshot_path) as f:
+                    if wanted in f.read():
+                        break
+            except (FileNotFoundError, OSError):
+                pass
+            time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _report_checkpoint(row: dict, state: TrainState, model: DCFM, card: ModelCard,

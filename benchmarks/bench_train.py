@@ -1,0 +1,166 @@
+"""Training benchmark: DCFM's symmetric-pair training against per-frame training, and training throughput.
+
+    python benchmarks/bench_train.py [--minutes 15] [--work bench-train-work]        # the full run: ~55 min
+    python benchmarks/bench_train.py --minutes 0.5 --videos 3 --held-out 1 --frames 12 --size 64x128 \\
+        --throughput-steps 4                                                       # a smoke run: ~3 min
+
+1. Generates a synthetic training corpus and a held-out one (other seed), every frame labelled.
+2. Throughput: `dcfm train` on the local Ray with 1 worker (all CPUs) and with 2 workers (half each),
+   ``--throughput-steps`` steps each, checkpointing only at the end; pairs/s is the mean over the logged
+   intervals after the first (which includes warm-up).
+3. Trains the same ResNet-18 DCFM for the same number of steps, as many as the faster setting of step 2
+   fits into ``--minutes``, once per ``--models`` entry:
+     dcfm            the joint loss (λ1 = 0.4, λ2 = 10, the paper's Cityscapes/CamVid values), pairs at δ = 1
+                     (the official configs);
+     dcfm-delta1-5   the joint loss, the neighbour distance drawn from 1..5 per pair (`--max-delta 5`), so
+                     reuse is trained over the gaps k = 6 has at inference;
+     per-frame       LossWeights(0, 0): no reuse CE, no consistency loss.
+   From scratch (no pretrained weights can be downloaded here), so AdamW lr 1e-3 with warm-up, as `make demo`.
+4. Evaluates each on the held-out corpus at k = 1, 2, 4, 6, causal and bidirectional (`dcfm evaluate
+   --sweep`) and prints mIoU, mIoU over non-keyframes, VC8 and FPS; everything also goes to
+   WORK/bench_train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from dcfm.evaluate.config import EvaluateJobConfig
+from dcfm.evaluate.job import run_evaluate_job
+from dcfm.losses import LossWeights
+from dcfm.synth import SynthConfig, generate_corpus
+from dcfm.train.config import TrainJobConfig
+from dcfm.train.job import run_train_job
+from dcfm.training import AugmentConfig, OptimConfig
+
+
+def corpus(path: Path, videos: int, frames: int, size: tuple[int, int], seed: int) -> Path:
+    if not (path / "manifest.json").exists():
+        generate_corpus(path, SynthConfig(videos=videos, frames=frames, height=size[0], width=size[1], seed=seed))
+    return path
+
+
+MODELS = {  # name -> (loss weights, max_delta)
+    "dcfm": (LossWeights(0.4, 10.0), None),
+    "dcfm-delta1-5": (LossWeights(0.4, 10.0), 5),
+    "per-frame": (LossWeights(0.0, 0.0), None),
+}
+
+
+def train(args, data: Path, output: Path, steps: int, workers: int, loss: LossWeights | None,
+          checkpoints: int = 4, max_delta: int | None = None) -> dict:
+    """Train with `dcfm train`'s job; pairs/s is the mean of the logged intervals after the first (warm-up)."""
+    cpus = max(1, (os.cpu_count() or 2) // workers)
+    config = TrainJobConfig(
+        data=str(data), output=str(output), backbone=args.backbone, steps=steps, batch_size=args.batch_size,
+        augment=AugmentConfig(crop=args.size, scale=(1.0, 1.5)),
+        optim=OptimConfig(name="adamw", lr=1e-3, decoder_lr_mult=1.0, weight_decay=1e-4,
+                          warmup_steps=max(1, steps // 20)),
+        loss=loss, max_delta=max_delta, workers=workers, cpus_per_worker=cpus,
+        checkpoint_every=max(steps // checkpoints, 1), log_every=max(1, steps // 20),
+    )
+    start = time.perf_counter()
+    summary = run_train_job(config, log=lambda line: print(line, flush=True))
+    rates = [row["pairs_per_s"] for row in summary.history[1:]] or [summary.history[-1]["pairs_per_s"]]
+    return {"output": str(output), "final_checkpoint": summary.final_checkpoint, "steps": steps,
+            "workers": workers, "cpus_per_worker": cpus, "seconds": time.perf_counter() - start,
+            "pairs_per_s": sum(rates) / len(rates), "final_loss": summary.history[-1]["loss"]}
+
+
+def evaluate(checkpoint: str, data: Path, output: Path) -> list[dict]:
+    summary = run_evaluate_job(EvaluateJobConfig(checkpoint, str(data), str(output), sweep=True, batch_size=8),
+                               log=lambda line: None)
+    return summary.rows
+
+
+def print_gains(rows: dict[str, list[dict]]) -> None:
+    """mIoU over non-keyframes of each joint-loss model minus the per-frame model's, setting by setting."""
+    others = [name for name in rows if name != "per-frame"]
+    baseline = {r["setting"]: r for r in rows["per-frame"]}
+    print("\nNon-keyframe mIoU gain over per-frame training (and the gain at k = 1, for scale):\n")
+    print("| k | mode | " + " | ".join(others) + " |\n|---|---|" + "---|" * len(others))
+    for r in rows["per-frame"]:
+        key = "miou" if r["keyframe_interval"] == 1 else "miou_non_key"
+        gains = []
+        for name in others:
+            mine = next(x for x in rows[name] if x["setting"] == r["setting"])
+            gains.append(f"{mine[key] - baseline[r['setting']][key]:+.3f}")
+        print(f"| {r['keyframe_interval']} | {r['mode']} | " + " | ".join(gains) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dcfm.cli import parse_size
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=15.0, help="training budget per model (default 15)")
+    parser.add_argument("--work", type=Path, default=Path("bench-train-work"), help="corpora, runs and results")
+    parser.add_argument("--videos", type=int, default=12, help="training videos (default 12)")
+    parser.add_argument("--held-out", type=int, default=3, help="held-out videos (default 3)")
+    parser.add_argument("--frames", type=int, default=40, help="frames per video (default 40)")
+    parser.add_argument("--size", type=parse_size, default=(128, 256), help="frame and crop size (default 128x256)")
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--batch-size", type=int, default=4, help="pairs per worker per step (default 4)")
+    parser.add_argument("--throughput-steps", type=int, default=20, help="steps of each throughput run")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"models to train (default: all of {list(MODELS)})")
+    args = parser.parse_args(argv)
+
+    import ray
+
+    work = args.work.resolve()
+    tag = f"{args.backbone}-{args.size[0]}x{args.size[1]}-{args.videos}v{args.frames}f-{args.minutes:g}min"
+    train_data = corpus(work / f"train-{args.videos}v{args.frames}f-{args.size[0]}x{args.size[1]}", args.videos,
+                        args.frames, args.size, seed=0)
+    held_out = corpus(work / f"held-out-{args.held_out}v{args.frames}f-{args.size[0]}x{args.size[1]}", args.held_out,
+                      args.frames, args.size, seed=1000)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    results: dict = {"settings": {k: str(v) for k, v in vars(args).items()}, "cpus": os.cpu_count()}
+
+    # One checkpoint at the end only: writing checkpoints is not what this measures.
+    throughput = {w: train(args, train_data, work / f"throughput-{stamp}-{w}w", args.throughput_steps, w, None,
+                           checkpoints=1) for w in (1, 2)}
+    results["throughput"] = throughput
+    best = max(throughput, key=lambda w: throughput[w]["pairs_per_s"])
+    pairs_per_step = best * args.batch_size
+    # 92% of the budget for the steps themselves: Ray's start and the checkpoints take the rest.
+    steps = max(2, int(0.92 * args.minutes * 60 * throughput[best]["pairs_per_s"] / pairs_per_step))
+    print(f"[bench] {best} worker(s) train fastest; {steps} steps of {pairs_per_step} pairs fit {args.minutes:g} min",
+          flush=True)
+
+    runs, rows = {}, {}
+    for name in args.models.split(","):
+        weights, max_delta = MODELS[name]
+        output = work / f"{name}-{tag}-{stamp}"
+        runs[name] = train(args, train_data, output, steps, best, weights, max_delta=max_delta)
+        rows[name] = evaluate(runs[name]["final_checkpoint"], held_out, work / f"eval-{name}-{tag}-{stamp}")
+    results.update(training=runs, evaluation=rows)
+    (work / "bench_train.json").write_text(json.dumps(results, indent=2))
+
+    print(f"\nTraining throughput ({args.backbone}, {args.size[0]}x{args.size[1]} crops, {args.batch_size} pairs per "
+          f"worker per step, {os.cpu_count()} CPUs):\n")
+    print("| workers | CPUs per worker | pairs/s |\n|---|---|---|")
+    for w, r in throughput.items():
+        print(f"| {w} | {r['cpus_per_worker']} | {r['pairs_per_s']:.2f} |")
+    durations = ", ".join(f"{n}: {r['seconds'] / 60:.1f} min" for n, r in runs.items())
+    print(f"\nAccuracy on {args.held_out} held-out videos x {args.frames} frames after {steps} steps "
+          f"({durations}):\n")
+    print("| training | k | mode | mIoU | mIoU non-key | VC8 | FPS |\n|---|---|---|---|---|---|---|")
+    def fmt(value: float | None, digits: int = 3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for name, table in rows.items():
+        for r in table:
+            print(f"| {name} | {r['keyframe_interval']} | {r['mode']} | {fmt(r['miou'])} | {fmt(r['miou_non_key'])} | "
+                  f"{fmt(r['vc8'])} | {fmt(r['fps'], 1)} |")
+    if "per-frame" in rows:
+        print_gains(rows)
+    print(f"\n[bench] results in {work / 'bench_train.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

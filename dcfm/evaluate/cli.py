@@ -1,0 +1,100 @@
+"""Command line of the evaluate job: `dcfm evaluate ...` and `python jobs/evaluate.py ...` share it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+
+EPILOG = """\
+outputs (OUTPUT is local or s3://):
+  OUTPUT/evaluation.json        one row per setting: mIoU, mIoU over non-keyframes, wIoU, per-class IoU, VC8,
+                                VC16, ms per keyframe and per non-keyframe, FPS, keyframes per clip
+  OUTPUT/evaluation.md          the same as Markdown tables (with the metric conventions)
+  OUTPUT/accuracy_vs_speed.png  mIoU (and VC8) against FPS, with --sweep
+  OUTPUT/masks/<setting>/<clip>/<frame>.png   the predicted masks, with --save-masks
+
+exit status: 0 evaluated; 2 bad command line; 3 the job failed (checkpoint, data, storage)
+"""
+
+
+def _resolution(text: str):
+    from dcfm.cli import parse_size
+
+    return "native" if text == "native" else parse_size(text)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from dcfm.cli import _positive_int
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = EPILOG
+    p.add_argument("--checkpoint", required=True, metavar="URI", help="checkpoint directory (local or s3://)")
+    p.add_argument("--data", required=True, metavar="URI",
+                   help="labelled clips, local or s3://: a dcfm synth corpus, VSPW, Cityscapes sequences or CamVid")
+    p.add_argument("--output", required=True, metavar="URI", help="directory for the reports (local or s3://)")
+    p.add_argument("--layout", choices=["auto", "synth", "cityscapes", "vspw", "camvid"], default="auto")
+    p.add_argument("--split", default="val", help="dataset split (default val; synth corpora without splits: all)")
+    p.add_argument("--videos", default=None, metavar="ID,ID", help="only these clip ids")
+    p.add_argument("--keyframe-interval", "-k", type=_positive_int, default=2, metavar="K",
+                   help="one keyframe every K frames (default 2, the paper's)")
+    p.add_argument("--mode", choices=["causal", "bidirectional"], default="bidirectional",
+                   help="reuse the previous keyframe only, or sum previous and next (default)")
+    p.add_argument("--adaptive", action="store_true", help="adaptive keyframe scheduling instead of a fixed K")
+    p.add_argument("--min-interval", type=_positive_int, default=1, help="adaptive: minimum keyframe gap")
+    p.add_argument("--max-interval", type=_positive_int, default=6, help="adaptive: maximum keyframe gap")
+    p.add_argument("--threshold", type=float, default=0.1, help="adaptive: distance that triggers a keyframe")
+    p.add_argument("--score", choices=["rgb", "feature"], default="rgb", help="adaptive: distance measure")
+    p.add_argument("--sweep", action="store_true",
+                   help="score k = 1, 2, 4, 6 in both modes (k = 1 once) and plot accuracy against speed")
+    p.add_argument("--resolution", type=_resolution, default=None, metavar="HxW|native",
+                   help="model input size (default: the checkpoint's training size; native: the frames' own)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="frames per model batch (default 8)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--save-masks", action="store_true", help="also write every predicted mask as a PNG")
+
+
+def config_from_args(args: argparse.Namespace):
+    from dcfm.evaluate.config import EvaluateJobConfig
+    from dcfm.inference import KeyframePolicy
+
+    native = args.resolution == "native"
+    return EvaluateJobConfig(
+        checkpoint=args.checkpoint, data=args.data, output=args.output, layout=args.layout, split=args.split,
+        video_ids=[v for v in args.videos.split(",") if v] if args.videos else None,
+        keyframes=KeyframePolicy(interval=args.keyframe_interval, adaptive=args.adaptive,
+                                 min_interval=args.min_interval, max_interval=args.max_interval,
+                                 threshold=args.threshold, score=args.score),
+        mode=args.mode, sweep=args.sweep, resolution=None if native else args.resolution, native_resolution=native,
+        batch_size=args.batch_size, device=args.device, threads=args.threads, save_masks=args.save_masks,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from dcfm.checkpoint import CheckpointError
+    from dcfm.evaluate.job import run_evaluate_job
+    from dcfm.train.config import ExitCode
+
+    try:
+        config = config_from_args(args)
+    except ValueError as err:
+        print(f"dcfm evaluate: error: {err}", file=sys.stderr)
+        return ExitCode.USAGE
+    try:
+        run_evaluate_job(config)
+    except (CheckpointError, ValueError, KeyError, FileNotFoundError, PermissionError) as err:
+        print(f"dcfm evaluate: job failed: {err}", file=sys.stderr)
+        return ExitCode.JOB_FAILED
+    except Exception:
+        traceback.print_exc()
+        print("dcfm evaluate: job failed", file=sys.stderr)
+        return ExitCode.JOB_FAILED
+    return ExitCode.OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="evaluate", description="Score a DCFM checkpoint on labelled video clips")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,199 @@
+"""`dcfm evaluate`: its numbers against an independent computation from the masks it predicted, the sweep's
+outputs, the public layouts' clips, and S3 in and out."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dcfm import storage
+from dcfm.checkpoint import ModelCard, save_checkpoint
+from dcfm.cli import main
+from dcfm.datasets import SynthPairs
+from dcfm.evaluate.clips import open_clips
+from dcfm.evaluate.config import EvaluateJobConfig
+from dcfm.evaluate.job import mask_uri, run_evaluate_job
+from dcfm.inference import KeyframePolicy
+from dcfm.model import DCFM, DCFMConfig
+from dcfm.synth import SynthConfig, generate_corpus, load_manifest
+from dcfm.training import AugmentConfig, FitConfig, OptimConfig, fit
+from tests.test_datasets import make_camvid, make_cityscapes, make_vspw
+
+H, W, FRAMES = 32, 64, 18
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval-corpus")
+    generate_corpus(root, SynthConfig(videos=2, frames=FRAMES, height=H, width=W, seed=11))
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(corpus: Path, tmp_path_factory) -> Path:
+    """A briefly trained model, so predictions hold several classes and change between frames."""
+    manifest = load_manifest(corpus)
+    torch.manual_seed(0)
+    config = DCFMConfig("pvt_v2_b0", num_classes=manifest.num_classes)
+    model = DCFM(config)
+    fit(model, SynthPairs(corpus), FitConfig(steps=12, batch_size=2, augment=AugmentConfig(crop=(H, W)),
+                                             optim=OptimConfig(name="adamw", lr=2e-3, decoder_lr_mult=1.0),
+                                             loader_workers=0), log=None)
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    save_checkpoint(path, model, ModelCard(config, list(manifest.classes), list(manifest.palette), (H, W)))
+    return path
+
+
+def read_png(uri: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(storage.read_bytes(uri))))
+
+
+def independent_scores(preds: list[np.ndarray], gts: list[np.ndarray], classes: int) -> dict:
+    """mIoU (absent classes left out), fwIoU, pixel accuracy and per-class IoU from scratch."""
+    p = np.concatenate([x.ravel() for x in preds]).astype(np.int64)
+    g = np.concatenate([x.ravel() for x in gts]).astype(np.int64)
+    keep = g != 255
+    p, g = p[keep], g[keep]
+    ious, weights = [], []
+    for c in range(classes):
+        tp = np.sum((p == c) & (g == c))
+        union = np.sum((p == c) | (g == c))
+        ious.append(tp / union if union else math.nan)
+        weights.append(np.sum(g == c) / g.size)
+    present = [v for v in ious if not math.isnan(v)]
+    fw = sum(w * (0 if math.isnan(v) else v) for w, v in zip(weights, ious))
+    return {"miou": sum(present) / len(present), "wiou": fw, "pixel_accuracy": float(np.mean(p == g)), "ious": ious}
+
+
+def independent_vc(videos: list[tuple[list[np.ndarray], list[np.ndarray]]], n: int) -> float | None:
+    """VSPW VC_n: windows 0..T-n-1, GT- and prediction-consistent pixels, pooled over all windows."""
+    scores = []
+    for preds, gts in videos:
+        for start in range(len(gts) - n):
+            gt_same = np.all([gts[start + i] == gts[start] for i in range(n)], axis=0)
+            pred_same = np.all([preds[start + i] == preds[start] for i in range(n)], axis=0)
+            if gt_same.sum():
+                scores.append((gt_same & pred_same).sum() / gt_same.sum())
+    return float(np.mean(scores)) if scores else None
+
+
+def test_evaluate_numbers_equal_an_independent_computation_from_its_masks(corpus, checkpoint, tmp_path) -> None:
+    out = str(tmp_path / "eval")
+    code = main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(corpus), "--output", out,
+                 "--sweep", "--save-masks", "--batch-size", "4"])
+    assert code == 0
+    report = json.loads(Path(out, "evaluation.json").read_text())
+    rows = report["results"]
+    assert [r["setting"] for r in rows] == ["k1-causal", "k2-causal", "k2-bidirectional", "k4-causal",
+                                            "k4-bidirectional", "k6-causal", "k6-bidirectional"]
+    manifest = load_manifest(corpus)
+    gts = {v.id: [np.asarray(Image.open(manifest.label_path(v, i))) for i in range(v.frames)] for v in manifest.videos}
+    table = Path(out, "evaluation.md").read_text()
+    distinct_predictions = set()
+    for row in rows:
+        preds = {vid: [read_png(mask_uri(out, row["setting"], vid, i)) for i in range(FRAMES)] for vid in gts}
+        distinct_predictions |= {int(c) for p in preds.values() for c in np.unique(np.stack(p))}
+        mine = independent_scores(sum(preds.values(), []), sum(gts.values(), []), manifest.num_classes)
+        assert row["miou"] == pytest.approx(mine["miou"], abs=1e-9)
+        assert row["wiou"] == pytest.approx(mine["wiou"], abs=1e-9)
+        assert row["pixel_accuracy"] == pytest.approx(mine["pixel_accuracy"], abs=1e-9)
+        for name, iou in zip(manifest.classes, mine["ious"]):
+            assert row["per_class_iou"][name] == (None if math.isnan(iou) else pytest.approx(iou, abs=1e-9))
+        for n in (8, 16):
+            assert row[f"vc{n}"] == pytest.approx(independent_vc([(preds[v], gts[v]) for v in gts], n), abs=1e-9)
+        # Keyframes where the schedule puts them; non-keyframe mIoU over exactly the other frames.
+        k = row["keyframe_interval"]
+        assert row["keyframes_by_video"] == {vid: list(range(0, FRAMES, k)) for vid in gts}
+        assert row["keyframes"] == 2 * len(range(0, FRAMES, k)) and row["frames"] == 2 * FRAMES
+        if k == 1:
+            assert row["miou_non_key"] is None and row["ms_per_non_keyframe"] is None
+        else:
+            non_key = [i for i in range(FRAMES) if i % k]
+            mine = independent_scores([preds[v][i] for v in gts for i in non_key],
+                                      [gts[v][i] for v in gts for i in non_key], manifest.num_classes)
+            assert row["miou_non_key"] == pytest.approx(mine["miou"], abs=1e-9)
+            # The time split is an attribution of the measured total, frame by frame.
+            non_keyframes = row["frames"] - row["keyframes"]
+            total_ms = row["keyframes"] * row["ms_per_keyframe"] + non_keyframes * row["ms_per_non_keyframe"]
+            assert total_ms == pytest.approx(1000 * row["seconds"], rel=1e-6)
+        assert row["fps"] == pytest.approx(row["frames"] / row["seconds"])
+        assert f"| {row['setting']} | {k} | {row['mode']} | {row['miou']:.3f} |" in table
+    assert len(distinct_predictions) >= 3  # a model that predicts one class would make the check vacuous
+    with Image.open(Path(out, "accuracy_vs_speed.png")) as plot:
+        assert plot.format == "PNG" and plot.width > 400
+
+
+def test_single_setting_and_bad_command_lines(corpus, checkpoint, tmp_path, capsys) -> None:
+    summary = run_evaluate_job(EvaluateJobConfig(str(checkpoint), str(corpus), str(tmp_path / "one"),
+                                                 keyframes=KeyframePolicy(adaptive=True, max_interval=4),
+                                                 mode="causal", native_resolution=True), log=lambda _: None)
+    (row,) = summary.rows
+    assert row["adaptive"] and row["keyframe_interval"] is None and row["setting"].startswith("adaptive-rgb")
+    assert all(max(np.diff(k + [FRAMES])) <= 4 for k in row["keyframes_by_video"].values())
+    assert not Path(tmp_path / "one" / "accuracy_vs_speed.png").exists() and "plot" not in summary.files
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(corpus), "--output", str(tmp_path),
+                 "--sweep", "--adaptive"]) == 2
+    assert "cannot be combined with --adaptive" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "nothing"), "--data", str(corpus),
+                 "--output", str(tmp_path)]) == 3
+    assert "not a DCFM checkpoint" in capsys.readouterr().err
+
+
+def test_public_layouts_give_clips_with_mapped_labels(tmp_path) -> None:
+    vspw = open_clips(make_vspw(tmp_path / "vspw"), split="train")
+    assert [(v.video_id, v.frames, sorted(v.labels)) for v in vspw.videos] == [("vid_a", 3, [0, 1, 2]),
+                                                                              ("vid_b", 2, [0, 1])]
+    assert vspw.videos[0].fully_labelled and vspw.videos[0].read_label(1)[0, :8].tolist() == [255] * 8  # raw 0
+    cityscapes = open_clips(make_cityscapes(tmp_path / "cs"), split="train")
+    clip = cityscapes.videos[0]
+    # frames 17..22 exist; the labelled 19th is third; labelIds map to train ids.
+    assert (clip.video_id, clip.frames, list(clip.labels)) == ("aachen_000000_000019", 6, [2])
+    assert [p.name[14:20] for p in clip.frame_paths] == ["000017", "000018", "000019", "000020", "000021", "000022"]
+    assert set(np.unique(clip.read_label(2))) == {0, 1, 11, 13, 18, 255}
+    camvid = open_clips(make_camvid(tmp_path / "camvid"), split="train")
+    by_id = {v.video_id: v for v in camvid.videos}
+    # A window of the decoded sequence around each still (the still stands in for the frame frames/ lacks).
+    assert [(i, by_id[i].frames, list(by_id[i].labels)) for i in sorted(by_id)] == [
+        ("0001TP_006690", 2, [0]), ("0001TP_006720", 2, [1]), ("Seq05VD_f00030", 2, [0])]
+    clip = by_id["0001TP_006720"]
+    assert [p.name for p in clip.frame_paths] == ["0001TP_006719.png", "0001TP_006720.png"]
+    frames = list(clip.iter_frames())
+    assert len({f.shape for f in frames}) == 1  # the half-size still was brought to the video frames' size
+
+
+def test_evaluate_runs_on_a_cityscapes_sequence_tree(tmp_path) -> None:
+    root = make_cityscapes(tmp_path / "cs", seqs=(0, 3, 5))
+    model_config = DCFMConfig("pvt_v2_b0", num_classes=19)
+    clips = open_clips(root, split="train")
+    card = ModelCard(model_config, clips.classes, clips.palette, (H, W))
+    save_checkpoint(tmp_path / "m", DCFM(model_config).eval(), card)
+    config = EvaluateJobConfig(str(tmp_path / "m"), str(root), str(tmp_path / "out"), split="train",
+                               keyframes=KeyframePolicy(interval=4), mode="causal")
+    summary = run_evaluate_job(config, log=lambda _: None)
+    (row,) = summary.rows
+    # Three 6-frame snippets (17..22); each labelled frame 19 is third in its clip: a non-keyframe at k = 4.
+    assert (row["frames"], row["keyframes"], summary.header["labelled_frames"]) == (18, 6, 3)
+    assert row["miou"] is not None and row["miou_non_key"] == row["miou"] and row["vc8"] is None
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "m"), "--data", str(make_vspw(tmp_path / "vspw")),
+                 "--output", str(tmp_path / "vspw-out"), "--split", "train"]) == 3  # 124 classes vs 19: refused
+
+
+@pytest.mark.slow
+def test_evaluate_reads_and_writes_s3(s3_env, corpus, checkpoint, tmp_path) -> None:
+    fs, _ = storage.filesystem(s3_env)
+    bucket = s3_env.removeprefix("s3://")
+    fs.put(str(corpus) + "/", f"{bucket}/corpus/", recursive=True)
+    fs.put(str(checkpoint) + "/", f"{bucket}/model/", recursive=True)
+    config = EvaluateJobConfig(f"{s3_env}/model", f"{s3_env}/corpus", f"{s3_env}/eval", mode="causal",
+                               data_cache=str(tmp_path / "staged"))
+    summary = run_evaluate_job(config, log=lambda _: None)
+    stored = json.loads(storage.read_bytes(f"{s3_env}/eval/evaluation.json"))
+    assert stored["results"] == json.loads(json.dumps(summary.rows)) and stored["videos"] == 2
+    assert storage.exists(f"{s3_env}/eval/evaluation.md")
