@@ -1,13 +1,15 @@
 """Whole-job throughput of `dcfm segment` vs a plain single-process loop, and actor memory vs video length.
 
-    python benchmarks/bench_segment.py [--videos 4 --frames 120 --size 128x256 --long-frames 5000]
+    python benchmarks/bench_segment.py [--videos 4 --frames 480 --size 128x256 --long-frames 5000]
 
 1. Throughput: one synthetic corpus, one ResNet-18 DCFM (random weights: speed does not depend on them).
    * plain loop: PyAV sequential decode + resize + model keyframe path on every frame (k = 1) in batches +
      argmax at source resolution, one process, no Ray, nothing written;
-   * the job on local Ray for k = 1, 2, 6 (bidirectional), 1 actor x 2 threads and 2 actors x 1 thread,
+   * the job on local Ray for k = 1, 2, 6 (bidirectional), ``--actors`` actors sharing the 2 CPUs,
      everything included: planning, probing, actor start and model load, decode, PNG masks, Parquet,
-     commits. Reported as frames / wall seconds of `run_segment_job`.
+     commits. Reported as frames / wall seconds of `run_segment_job`, with where the actors' time went
+     (the job's own accounting: model, waiting on decode, masks and metrics, Parquet writes) and how
+     long until the first chunk came back (the fixed start-up cost).
 2. Memory: peak RSS of the (single) actor on a short video and on a long one (>= 5000 frames), each in a
    fresh Ray session, chunk 256 frames.
 """
@@ -29,7 +31,6 @@ from dcfm.model import DCFM, IMAGENET_MEAN, IMAGENET_STD, DCFMConfig, upsample_l
 from dcfm.segment.config import SegmentJobConfig
 from dcfm.segment.job import run_segment_job
 from dcfm.synth import SynthConfig, generate_corpus
-from dcfm.video import iter_frames
 
 
 def plain_loop(videos: list[Path], model: DCFM, size: tuple[int, int], batch: int) -> tuple[int, float]:
@@ -80,13 +81,16 @@ def run_job(videos, out: Path, checkpoint: str, k: int, actors: int, chunk: int,
     start = time.perf_counter()
     summary = run_segment_job(config, log=lambda _: None)
     seconds = time.perf_counter() - start
-    return {"frames": summary.frames, "seconds": seconds, "rss": summary.peak_actor_rss_mb}
+    return {"frames": summary.frames, "seconds": seconds, "rss": summary.peak_actor_rss_mb,
+            "first_chunk_s": summary.first_chunk_s, "actor_s": summary.actor_s}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=4)
-    parser.add_argument("--frames", type=int, default=120)
+    parser.add_argument("--frames", type=int, default=480)
+    parser.add_argument("--actors", default="1,2", help="actor counts to run, comma-separated (default 1,2)")
+    parser.add_argument("--chunk", type=int, default=128, help="chunk frames of the throughput runs (default 128)")
     parser.add_argument("--size", default="128x256")
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--long-frames", type=int, default=5000)
@@ -107,14 +111,20 @@ def main() -> None:
 
     torch.set_num_threads(2)
     frames, seconds = plain_loop(videos, model, (h, w), args.batch)
-    print("\n| pipeline | k | actors x threads | frames | seconds | frames/s |")
-    print("|---|---|---|---|---|---|")
-    print(f"| plain loop (decode + model, no Ray, no output) | 1 | 1 x 2 | {frames} | {seconds:.1f} | {frames / seconds:.1f} |")
+    print("\n| pipeline | k | actors x threads | frames | seconds | frames/s | first chunk s | actor time: model / "
+          "decode wait / masks+metrics / Parquet |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| plain loop (decode + model, no Ray, no output) | 1 | 1 x 2 | {frames} | {seconds:.1f} | "
+          f"{frames / seconds:.1f} | | |")
     for k in (1, 2, 6):
-        for actors in (1, 2):
-            r = run_job(videos, work / "out", str(work / "ckpt"), k, actors, chunk=64, fresh_ray=False)
+        for actors in (int(a) for a in args.actors.split(",")):
+            r = run_job(videos, work / "out", str(work / "ckpt"), k, actors, chunk=args.chunk, fresh_ray=False)
+            t = r["actor_s"]
+            split = " / ".join(f"{100 * t[stage] / t['seconds']:.0f}%" for stage in
+                               ("model_s", "decode_wait_s", "rows_s", "write_s"))
             print(f"| dcfm segment (local Ray, Parquet) | {k} | {actors} x {2 // actors} | {r['frames']} | "
-                  f"{r['seconds']:.1f} | {r['frames'] / r['seconds']:.1f} |", flush=True)
+                  f"{r['seconds']:.1f} | {r['frames'] / r['seconds']:.1f} | {r['first_chunk_s']:.1f} | {split} |",
+                  flush=True)
 
     lh, lw = (int(v) for v in args.long_size.split("x"))
     print(f"\nactor memory (k = 6, chunk 256, {lh}x{lw}, fresh Ray session each):")

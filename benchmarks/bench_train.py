@@ -38,9 +38,10 @@ from dcfm.train.job import run_train_job
 from dcfm.training import AugmentConfig, OptimConfig
 
 
-def corpus(path: Path, videos: int, frames: int, size: tuple[int, int], seed: int) -> Path:
+def corpus(path: Path, videos: int, frames: int, size: tuple[int, int], seed: int, motion: float) -> Path:
     if not (path / "manifest.json").exists():
-        generate_corpus(path, SynthConfig(videos=videos, frames=frames, height=size[0], width=size[1], seed=seed))
+        generate_corpus(path, SynthConfig(videos=videos, frames=frames, height=size[0], width=size[1], seed=seed,
+                                          motion=motion))
     return path
 
 
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--videos", type=int, default=12, help="training videos (default 12)")
     parser.add_argument("--held-out", type=int, default=3, help="held-out videos (default 3)")
     parser.add_argument("--frames", type=int, default=40, help="frames per video (default 40)")
+    parser.add_argument("--motion", type=float, default=2.5,
+                        help="synth world speed, 1 = the default street (default 2.5: at k = 6 objects move 10-40 px "
+                             "between keyframe and frame, so reuse has something to get wrong)")
     parser.add_argument("--size", type=parse_size, default=(128, 256), help="frame and crop size (default 128x256)")
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per worker per step (default 4)")
@@ -112,10 +116,11 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.work.resolve()
     tag = f"{args.backbone}-{args.size[0]}x{args.size[1]}-{args.videos}v{args.frames}f-{args.minutes:g}min"
-    train_data = corpus(work / f"train-{args.videos}v{args.frames}f-{args.size[0]}x{args.size[1]}", args.videos,
-                        args.frames, args.size, seed=0)
-    held_out = corpus(work / f"held-out-{args.held_out}v{args.frames}f-{args.size[0]}x{args.size[1]}", args.held_out,
-                      args.frames, args.size, seed=1000)
+    world = f"{args.frames}f-{args.size[0]}x{args.size[1]}-motion{args.motion:g}"
+    train_data = corpus(work / f"train-{args.videos}v{world}", args.videos, args.frames, args.size, seed=0,
+                        motion=args.motion)
+    held_out = corpus(work / f"held-out-{args.held_out}v{world}", args.held_out, args.frames, args.size, seed=1000,
+                      motion=args.motion)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results: dict = {"settings": {k: str(v) for k, v in vars(args).items()}, "cpus": os.cpu_count()}

@@ -13,6 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dcfm.jobcli import ExitCode, non_negative_int, parse_size, positive_int
+
+__all__ = ["SUBCOMMANDS", "build_parser", "main", "parse_size"]
+
 
 @dataclass(frozen=True)
 class Subcommand:
@@ -21,46 +25,17 @@ class Subcommand:
     run: Callable[[argparse.Namespace], int]
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """Parse 'HxW' (e.g. 128x256) into (height, width); both even and positive."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"size must look like HxW, e.g. 128x256; got {text!r}")
-    h, w = int(parts[0]), int(parts[1])
-    if h < 16 or w < 16 or h % 2 or w % 2:
-        raise argparse.ArgumentTypeError(f"height and width must be even and >= 16 (H.264 4:2:0); got {text!r}")
-    return h, w
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
 def _add_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path, help="output directory (created if missing)")
-    p.add_argument("--videos", type=_positive_int, default=8, help="number of videos (default 8)")
-    p.add_argument("--frames", type=_positive_int, default=60, help="frames per video (default 60)")
+    p.add_argument("--videos", type=positive_int, default=8, help="number of videos (default 8)")
+    p.add_argument("--frames", type=positive_int, default=60, help="frames per video (default 60)")
     p.add_argument("--size", type=parse_size, default=(128, 256), metavar="HxW", help="frame size (default 128x256)")
-    p.add_argument("--labeled-every", type=_positive_int, default=1, metavar="M",
+    p.add_argument("--labeled-every", type=positive_int, default=1, metavar="M",
                    help="label every frame (1) or frames with index %% M == M//2 (default 1)")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
-    p.add_argument("--fps", type=_positive_int, default=15, help="frame rate written to the MP4s (default 15)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
+    p.add_argument("--fps", type=positive_int, default=15, help="frame rate written to the MP4s (default 15)")
+    p.add_argument("--motion", type=float, default=1.0,
+                   help="how fast camera and objects move per frame, 1 = default street (range (0, 16])")
 
 
 def _run_synth(args: argparse.Namespace) -> int:
@@ -69,10 +44,11 @@ def _run_synth(args: argparse.Namespace) -> int:
     height, width = args.size
     try:
         config = SynthConfig(videos=args.videos, frames=args.frames, height=height, width=width,
-                             labeled_every=args.labeled_every, seed=args.seed, fps=args.fps)
+                             labeled_every=args.labeled_every, seed=args.seed, fps=args.fps,
+                             motion=args.motion)
     except ValueError as e:  # option combinations argparse can't check one by one
         print(f"dcfm synth: error: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     start = time.perf_counter()
     manifest = generate_corpus(args.out, config)
     print(f"wrote {config.videos} videos x {config.frames} frames at {height}x{width} "

@@ -26,6 +26,8 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
+from dcfm.synth import load_manifest
+
 IGNORE_INDEX = 255
 LAYOUTS = ("synth", "cityscapes", "vspw", "camvid")
 
@@ -146,16 +148,6 @@ def _frame_key(stem: str) -> tuple[int, int | str]:
     return (0, int(stem)) if stem.isdigit() else (1, stem)
 
 
-def _load_manifest(root: Path) -> dict[str, Any]:
-    path = root / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"missing synth manifest: {path}")
-    manifest = json.loads(path.read_text())
-    if not str(manifest.get("format", "")).startswith("dcfm-synth/"):
-        raise ValueError(f"{path} is not a dcfm-synth manifest (format={manifest.get('format')!r})")
-    return manifest
-
-
 class SynthPairs(PairDataset):
     """Pairs from a ``dcfm synth`` corpus; ``video_ids`` restricts to a subset (train/held-out splits)."""
 
@@ -169,26 +161,24 @@ class SynthPairs(PairDataset):
         # many pairs per video keeps whole decoded videos instead (per process, never pickled).
         self.decoded_cache_mb = int(decoded_cache_mb)
         self._cache: DecodedVideoCache | None = None
-        manifest = _load_manifest(self.root)
-        videos = list(manifest["videos"])
+        manifest = load_manifest(self.root)
+        videos = list(manifest.videos)
         if video_ids is not None:
             wanted = set(video_ids)
-            unknown = sorted(wanted - {v["id"] for v in videos})
+            unknown = sorted(wanted - {v.id for v in videos})
             if unknown:
-                raise KeyError(f"video ids {unknown} not in {self.root / 'manifest.json'}")
-            videos = [v for v in videos if v["id"] in wanted]
+                raise ValueError(f"video ids {unknown} not in {self.root / 'manifest.json'}")
+            videos = [v for v in videos if v.id in wanted]
         refs = []
         for v in videos:
-            n = int(v["frames"])
-            video = str(self.root / v["video"])
-            for lab in v["labeled_frames"]:
-                u = _pick_neighbour(int(lab), delta, lambda i: i < n)
+            video = str(manifest.video_path(v))
+            for lab in v.labeled_frames:
+                u = _pick_neighbour(lab, delta, lambda i, n=v.frames: i < n)
                 if u is None:
-                    raise ValueError(f"video {v['id']} has {n} frames: no neighbour {delta} from frame {lab}")
-                refs.append(PairRef(v["id"], int(lab), u, video, video,
-                                    str(self.root / v["labels"] / f"{int(lab):06d}.png")))
-        super().__init__(_nonempty(refs, self.root, "synth"), manifest["classes"], manifest["palette"],
-                         int(manifest.get("ignore_index", IGNORE_INDEX)))
+                    raise ValueError(f"video {v.id} has {v.frames} frames: no neighbour {delta} from frame {lab}")
+                refs.append(PairRef(v.id, lab, u, video, video, str(manifest.label_path(v, lab))))
+        super().__init__(_nonempty(refs, self.root, "synth"), list(manifest.classes),
+                         manifest.palette, manifest.ignore_index)
 
     def load(self, ref: PairRef) -> PairSample:
         """Decode both frames from the video (exact decode-order indices) and read the label PNG."""
@@ -222,7 +212,7 @@ class DecodedVideoCache:
         self.decodes = 0  # whole-video decodes so far (for logs and tests)
 
     def frames(self, path: str | Path, indices: Sequence[int]) -> list[np.ndarray]:
-        from dcfm.video import iter_frames, read_frames
+        from dcfm.video import iter_frames
 
         key = str(path)
         video = self._videos.pop(key, None)
@@ -520,11 +510,8 @@ def open_pair_dataset(root: str | Path, layout: str = "auto", split: str = "trai
         raise FileNotFoundError(f"dataset root does not exist: {root}")
     name = detect_layout(root) if layout == "auto" else layout
     if name == "synth":
-        splits = _load_manifest(root).get("splits")
-        if splits is not None and "video_ids" not in kwargs:
-            if split not in splits:
-                raise KeyError(f"split {split!r} not in {root / 'manifest.json'} (has {sorted(splits)})")
-            kwargs["video_ids"] = splits[split]
+        if "video_ids" not in kwargs:
+            kwargs["video_ids"] = load_manifest(root).split_ids(split)
         return SynthPairs(root, delta=delta, **kwargs)
     classes: dict[str, type[PairDataset]] = {
         "cityscapes": CityscapesSequencePairs, "vspw": VSPWPairs, "camvid": CamVidPairs}

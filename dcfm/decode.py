@@ -29,7 +29,7 @@ import bisect
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Literal, cast
 
@@ -83,17 +83,47 @@ class VideoProbe:
     width: int
     height: int
     keyframes: tuple[int, ...] = field(default=(), repr=False)
+    # pts[0] is frame first_index's: a window of the whole probe (see `window`), so a chunk of a long
+    # video carries what its decode reads, not every frame's pts.
+    first_index: int = 0
+
+    def pts_of(self, index: int) -> int:
+        """The pts of frame ``index`` (a display index of the whole video)."""
+        return self.pts[index - self.first_index]
 
     def timestamp_s(self, index: int) -> float:
         """Presentation time of frame ``index`` in seconds (``pts * time_base``, no start-time shift)."""
-        return float(self.pts[index] * self.time_base)
+        return float(self.pts_of(index) * self.time_base)
 
     def index_of(self, pts: int | None) -> int | None:
-        """Display index of the frame with this pts, or None if the probe has no such frame."""
+        """Display index of the frame with this pts, or None if the probe has no such frame.
+
+        In a window, a pts before the window's first frame maps to ``first_index - 1``: a frame decoded
+        on the way to the window (pre-roll), never emitted.
+        """
         if pts is None:
             return None
         i = bisect.bisect_left(self.pts, pts)
-        return i if i < len(self.pts) and self.pts[i] == pts else None
+        if i < len(self.pts) and self.pts[i] == pts:
+            return i + self.first_index
+        return self.first_index - 1 if i == 0 and self.first_index > 0 else None
+
+    def window(self, start: int, stop: int) -> VideoProbe:
+        """The part of this probe that ``decode_range(uri, ..., start, stop)`` reads: frames from the
+        earliest seek point it may try up to ``stop``."""
+        if not 0 <= start <= stop <= self.frame_count:
+            raise ValueError(f"bad range [{start}, {stop}) for {self.frame_count} frames of {self.uri}")
+        seeks = _seek_points(self, start)
+        lo = min(seeks) if seeks else self.first_index
+        return replace(
+            self, pts=self.pts[lo - self.first_index:stop - self.first_index], first_index=lo,
+            keyframes=tuple(k for k in self.keyframes if lo <= k < stop),
+        )
+
+
+def _seek_points(probe: VideoProbe, start: int) -> list[int]:
+    """Display indices of the keyframes decoding of frame ``start`` may start from, latest first."""
+    return [k for k in reversed(probe.keyframes) if 0 < k <= start][:_MAX_SEEKS]
 
 
 @dataclass
@@ -294,10 +324,10 @@ def _decode_range(uri: str, probe: VideoProbe, start: int, stop: int,
                   size: tuple[int, int] | None) -> Iterator[DecodedFrame]:
     if start == stop:
         return
-    target = probe.pts[start]
+    target = probe.pts_of(start)
     # Seek to the keyframe's own pts rather than the target: demuxers (MP4 among them) pick the seek point
     # by decode timestamp, which can land on a later keyframe whose B-frames display before the target.
-    seeks = [probe.pts[k] for k in reversed(probe.keyframes) if 0 < k <= start][:_MAX_SEEKS]
+    seeks = [probe.pts_of(k) for k in _seek_points(probe, start)]
     if seeks:
         with open_input(uri) as container:
             stream = _video_stream(container, uri)
@@ -348,7 +378,7 @@ def _emit(uri: str, probe: VideoProbe, start: int, stop: int, size: tuple[int, i
                                                     "re-export it")
                 continue  # pre-roll from the keyframe up to the chunk
             if index > expected:
-                raise VideoError(uri, "decode", f"frame {expected} (pts {probe.pts[expected]}) is missing "
+                raise VideoError(uri, "decode", f"frame {expected} (pts {probe.pts_of(expected)}) is missing "
                                                 "from the decoded stream; the file is corrupt, re-export it")
             yield DecodedFrame(index, frame.pts, probe.timestamp_s(index), frame_to_rgb(frame, size))
             expected += 1

@@ -43,6 +43,9 @@ class SynthConfig:
     labeled_every: int = 1
     seed: int = 0
     fps: int = 15
+    # How fast the world moves per frame (camera, objects, lighting, ripples); 1 is the default street.
+    # Larger values make neighbouring frames differ more, which is what keyframe reuse has to cope with.
+    motion: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("videos", "frames", "height", "width", "labeled_every", "fps"):
@@ -52,6 +55,8 @@ class SynthConfig:
             raise ValueError(f"height and width must be even and >= 16, got {self.height}x{self.width}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not 0 < self.motion <= 16:
+            raise ValueError(f"motion must be in (0, 16], got {self.motion}")
         if not labeled_frame_indices(self.frames, self.labeled_every):
             raise ValueError(f"labeled_every={self.labeled_every} labels no frame of a {self.frames}-frame video "
                              f"(the first labelled frame is {self.labeled_every // 2})")
@@ -83,6 +88,18 @@ class SynthManifest:
     seed: int
     labeled_every: int
     videos: tuple[SynthVideo, ...]
+    motion: float = 1.0
+    # Optional named subsets of video ids ({"train": [...], "val": [...]}), for corpora a user split by hand;
+    # `dcfm synth` writes one corpus per split instead.
+    splits: dict[str, tuple[str, ...]] | None = None
+
+    def split_ids(self, split: str) -> tuple[str, ...] | None:
+        """The video ids of ``split``, or None (every video) for a manifest without splits."""
+        if self.splits is None:
+            return None
+        if split not in self.splits:
+            raise ValueError(f"split {split!r} not in {self.root / 'manifest.json'} (has {sorted(self.splits)})")
+        return self.splits[split]
 
     @property
     def num_classes(self) -> int:
@@ -122,7 +139,7 @@ def render_video(config: SynthConfig, index: int) -> Iterator[tuple[np.ndarray, 
     so a shorter video is a prefix of a longer one.
     """
     rng = np.random.default_rng([config.seed, index])
-    scene = world.build_scene(rng, config.height, config.width)
+    scene = world.build_scene(rng, config.height, config.width, motion=config.motion)
     for t in range(config.frames):
         yield scene.render(t)
 
@@ -174,6 +191,7 @@ def generate_corpus(out_dir: Path, config: SynthConfig) -> Path:
         "height": config.height,
         "width": config.width,
         "seed": config.seed,
+        "motion": config.motion,
         "labeled_every": config.labeled_every,
         "videos": entries,
     }
@@ -189,6 +207,8 @@ def load_manifest(root: str | Path) -> SynthManifest:
     path = Path(root)
     if path.is_dir():
         path = path / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"missing synth manifest: {path} (make a corpus with `dcfm synth`)")
     data = json.loads(path.read_text(encoding="utf-8"))
     if data.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported format {data.get('format')!r}, expected {FORMAT!r}")
@@ -214,4 +234,6 @@ def load_manifest(root: str | Path) -> SynthManifest:
         seed=int(data["seed"]),
         labeled_every=int(data["labeled_every"]),
         videos=videos,
+        motion=float(data.get("motion", 1.0)),  # manifests from before the knob existed
+        splits={str(k): tuple(str(i) for i in ids) for k, ids in data["splits"].items()} if "splits" in data else None,
     )

@@ -70,13 +70,13 @@ class Sprite:
     bounce_phase: float = 0.0
     pose_period: int = 4
 
-    def place(self, t: int) -> tuple[int, int, int]:
-        """(top row, left column, pose index) at frame t."""
+    def place(self, t: float) -> tuple[int, int, int]:
+        """(top row, left column, pose index) at world time t."""
         h, w = self.masks[0].shape
         lo, hi = self.span
         x = lo + (self.x0 + self.vx * t - lo) % (hi - lo)
         bottom = self.ground_y - self.bounce_amp * abs(math.sin(math.pi * t / self.bounce_period + self.bounce_phase))
-        pose = (t // self.pose_period) % len(self.rgbs)
+        pose = int(t // self.pose_period) % len(self.rgbs)
         return int(math.floor(bottom)) - h, int(math.floor(x)), pose
 
 
@@ -170,6 +170,7 @@ class Scene:
     light: np.ndarray  # (3,) per-channel cast
     light_wave: tuple[float, float, float]  # amplitude, period, phase of the global gain drift
     noise_seed: int
+    motion: float = 1.0  # world time advanced per frame
     _noise_bank: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -179,8 +180,8 @@ class Scene:
         shape = (self.height + _NOISE_PAD, self.width + _NOISE_PAD, 3)
         self._noise_bank = bank_rng.standard_normal(shape, dtype=np.float32) * np.float32(0.008)
 
-    def camera(self, t: int) -> tuple[np.ndarray, np.ndarray]:
-        """Canvas row and column indices sampled by each output row/column at frame t."""
+    def camera(self, t: float) -> tuple[np.ndarray, np.ndarray]:
+        """Canvas row and column indices sampled by each output row/column at world time t."""
         hc, wc = self.bg_label.shape
         ax, px, fx, ay, py, fy, az, pz, fz = self.cam
         s = (_S_MIN + _S_MAX) / 2 + az * math.sin(2 * math.pi * t / pz + fz)
@@ -193,6 +194,7 @@ class Scene:
     def render(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """(rgb uint8 HxWx3, label uint8 HxW) of frame t; any t, in any order."""
         frame_rng = np.random.default_rng([self.noise_seed, t])
+        t = t * self.motion  # from here on, world time
         ys, xs = self.camera(t)
         grid = (ys[:, None], xs[None, :])
         img = self.bg_rgb[grid]
@@ -304,8 +306,8 @@ def _background(
     return rgb, label, (np.sin(water_phase) * on_water, np.cos(water_phase) * on_water)
 
 
-def build_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
-    """Draw one random scene for output frames of height x width."""
+def build_scene(rng: np.random.Generator, height: int, width: int, motion: float = 1.0) -> Scene:
+    """Draw one random scene for output frames of height x width, moving `motion` times the default speed."""
     u = height / 128
     cam_ax, cam_ay = rng.uniform(0.15, 0.35) * width, 0.03 * height
     hc = int(math.ceil(height * _S_MAX + 2 * cam_ay)) + 4
@@ -360,4 +362,4 @@ def build_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
     light = rng.uniform(0.8, 1.15) * rng.uniform(0.92, 1.08, 3).astype(np.float32)
     return Scene(height, width, bg_rgb, bg_label, water_wave, sprites, cam, light.astype(np.float32),
                  (rng.uniform(0.02, 0.06), rng.uniform(30, 90), rng.uniform(0, 2 * math.pi)),
-                 int(rng.integers(2**31)))
+                 int(rng.integers(2**31)), motion)

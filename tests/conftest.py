@@ -1,10 +1,9 @@
-import uuid
 from collections.abc import Iterator
 
 import pytest
 import torch
 
-from tests.s3server import S3Server
+from tests.s3server import S3Server, s3_bucket
 
 
 @pytest.fixture(autouse=True)
@@ -30,32 +29,9 @@ def s3_server() -> Iterator[S3Server]:
 
 @pytest.fixture
 def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Point the AWS environment at the test S3 server and yield ``s3://<fresh bucket>``.
-
-    The variables are set with ``monkeypatch.setenv``, i.e. in ``os.environ`` of the test process, so a
-    ``ray.init`` started inside the test after this fixture hands them to its workers by inheritance. For
-    a Ray cluster started elsewhere pass ``runtime_env={"env_vars": aws_env_vars()}`` (``tests/s3server.py``).
-    """
-    import s3fs
-
-    for key, value in s3_server.env_vars().items():
-        monkeypatch.setenv(key, value)
-    # Anything else in the chain (a profile, a session token) must not mix into the test credentials.
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        monkeypatch.delenv(key, raising=False)
-    # s3fs caches filesystem instances (and their endpoint/credentials) by constructor arguments, which
-    # do not include the environment.
-    s3fs.S3FileSystem.clear_instance_cache()
-    bucket = f"dcfm-test-{uuid.uuid4().hex[:12]}"
-    client = s3_server.client()
-    client.create_bucket(Bucket=bucket)
-    yield f"s3://{bucket}"
-    s3fs.S3FileSystem.clear_instance_cache()
-    # Each bucket holds several SeaweedFS volumes; drop it so long sessions do not run out.
-    try:
-        client.delete_bucket(Bucket=bucket)
-    except Exception:
-        pass
+    """The AWS environment pointed at the test S3 server, and ``s3://<fresh bucket>`` (see ``s3_bucket``)."""
+    with s3_bucket(s3_server, monkeypatch) as uri:
+        yield uri
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
-from contextlib import ExitStack
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 # The variables that route boto3 / s3fs / pyarrow to the test endpoint; Ray workers need the same set.
@@ -233,3 +233,36 @@ class S3Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextmanager
+def s3_bucket(server: S3Server, patch, prefix: str = "dcfm-test") -> Iterator[str]:
+    """Point the AWS environment (through ``patch``, a pytest MonkeyPatch) at ``server`` and yield
+    ``s3://<fresh bucket>``; the bucket is dropped afterwards.
+
+    The variables land in ``os.environ`` of the test process, so a ``ray.init`` started afterwards hands
+    them to its workers by inheritance. For a Ray cluster started elsewhere pass
+    ``runtime_env={"env_vars": aws_env_vars()}``.
+    """
+    import s3fs
+
+    for key, value in server.env_vars().items():
+        patch.setenv(key, value)
+    # Anything else in the chain (a profile, a session token) must not mix into the test credentials.
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        patch.delenv(key, raising=False)
+    # s3fs caches filesystem instances (and their endpoint/credentials) by constructor arguments, which
+    # do not include the environment.
+    s3fs.S3FileSystem.clear_instance_cache()
+    bucket = f"{prefix}-{secrets.token_hex(6)}"
+    client = server.client()
+    client.create_bucket(Bucket=bucket)
+    try:
+        yield f"s3://{bucket}"
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        # Each bucket holds several SeaweedFS volumes; drop it so long sessions do not run out.
+        try:
+            client.delete_bucket(Bucket=bucket)
+        except Exception:  # a bucket with objects left in it is the server's to drop at exit
+            pass

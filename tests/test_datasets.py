@@ -215,8 +215,26 @@ def test_synth_video_subset(synth_root: Path) -> None:
     ds = SynthPairs(synth_root, video_ids=["synth_0001"])
     assert {r.video_id for r in ds.refs} == {"synth_0001"} and len(ds) == 2
     assert [r.neighbour_index for r in ds.refs] == [3, 7]
-    with pytest.raises(KeyError, match="synth_9999"):
+    with pytest.raises(ValueError, match="synth_9999"):
         SynthPairs(synth_root, video_ids=["synth_9999"])
+
+
+def test_synth_manifest_splits_select_videos(synth_root: Path, tmp_path: Path) -> None:
+    """A corpus split by hand (a "splits" entry in manifest.json) trains on one split and evaluates on another."""
+    import json
+    import shutil
+
+    from dcfm.evaluate.clips import open_clips
+
+    root = tmp_path / "split"
+    shutil.copytree(synth_root, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["splits"] = {"train": ["synth_0000"], "val": ["synth_0001"]}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert {r.video_id for r in open_pair_dataset(root, split="train").refs} == {"synth_0000"}
+    assert [v.video_id for v in open_clips(root, split="val").videos] == ["synth_0001"]
+    with pytest.raises(ValueError, match="split 'test' not in .*has \\['train', 'val'\\]"):
+        open_pair_dataset(root, split="test")
 
 
 # --- one contract for every layout ------------------------------------------------------------------------

@@ -16,14 +16,16 @@ import duckdb
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
+import torch
 from PIL import Image
 
 from dcfm import storage
-from dcfm.checkpoint import ModelCard, save_checkpoint
+from dcfm.checkpoint import ModelCard, read_card, save_checkpoint
 from dcfm.inference import KeyframePolicy
+from dcfm.jobcli import ExitCode
 from dcfm.model import DCFM, DCFMConfig
 from dcfm.schemas import output_schema
-from dcfm.segment.config import ExitCode, SegmentJobConfig
+from dcfm.segment.config import SegmentJobConfig
 from dcfm.segment.job import run_segment_job
 from dcfm.synth import SynthConfig, generate_corpus
 from dcfm.sources import expand_inputs
@@ -153,6 +155,25 @@ def test_chunking_does_not_change_any_row(ray_local, corpus, checkpoint, tmp_pat
                 assert row[name] is None, (key, name)
             else:
                 assert row[name] == pytest.approx(other[name], rel=1e-5, abs=1e-6), (key, name)
+
+
+def test_run_manifest_records_settings_counts_and_where_the_time_went(clean_run, corpus, checkpoint) -> None:
+    out, summary = clean_run
+    manifests = sorted((out / "runs" / summary.run_id).glob("*.json"))
+    assert len(manifests) == 1
+    manifest = json.loads(manifests[0].read_text())
+    assert manifest["run_id"] == summary.run_id
+    assert manifest["checkpoint_digest"] == read_card(checkpoint)[1]
+    assert manifest["config"]["chunk_frames"] == 4 and manifest["packages"]["torch"] == torch.__version__
+    assert manifest["counts"] == {"inputs": len(corpus), "ok": len(corpus), "empty": 0, "failed": 0, "skipped": 0,
+                                  "chunks": summary.chunks, "frames": summary.frames}
+    timings = manifest["timings"]
+    stages = timings["actor_s"]
+    # The actors' time splits into its stages (set-up outside them is small), all within the job's wall time.
+    assert stages["model_s"] > 0 and stages["write_s"] > 0 and stages["rows_s"] > 0
+    parts = stages["model_s"] + stages["decode_wait_s"] + stages["rows_s"] + stages["write_s"]
+    assert 0.8 * stages["seconds"] <= parts <= stages["seconds"]
+    assert 0 < timings["first_chunk_s"] <= timings["seconds"]
 
 
 def test_rerun_writes_nothing(clean_run, corpus, checkpoint) -> None:

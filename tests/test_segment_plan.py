@@ -37,7 +37,18 @@ def test_tasks_carry_lead_in_and_lookahead() -> None:
     ]
     assert all(t.num_chunks == 3 for t in tasks)
     assert ChunkTask.from_json(tasks[1].to_json()) == tasks[1]
-    assert tasks[1].video_probe() == probe(20)
+    # Each task carries the probe's window for its decode, not the whole video's pts.
+    assert tasks[1].video_probe() == probe(20).window(6, 17)
+
+
+def test_tasks_of_a_long_video_stay_small() -> None:
+    n = 100_000
+    long = VideoProbe("v.mp4", n, tuple(range(0, 100 * n, 100)), Fraction(1, 1000), 10.0, n / 10, "h264", 64, 32,
+                      keyframes=tuple(range(0, n, 250)))
+    tasks = plan_tasks("v", "v.mp4", long, chunk_frames=256, lead_in=2)
+    assert max(len(t.pts) for t in tasks) <= 256 + 1 + 2 + 2 * 250  # chunk, look-ahead, lead-in, two GOPs
+    last = tasks[-1].video_probe()
+    assert last.timestamp_s(n - 1) == long.timestamp_s(n - 1) and last.index_of(long.pts[n - 1]) == n - 1
 
 
 def test_empty_video_is_one_pass_through_task() -> None:

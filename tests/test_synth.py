@@ -185,3 +185,23 @@ def test_write_video_is_deterministic(tmp_path: Path) -> None:
     assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
     with pytest.raises(ValueError):
         write_video(tmp_path / "c.mp4", [np.zeros((31, 48, 3), np.uint8)], fps=15)
+
+
+def test_motion_speeds_up_the_world_not_the_layout() -> None:
+    """motion=m shows at frame t what motion=1 shows at frame m*t: the same scene, moving m times faster."""
+    base = SynthConfig(videos=1, frames=13, height=64, width=128, seed=5)
+    fast = SynthConfig(videos=1, frames=5, height=64, width=128, seed=5, motion=3.0)
+    slow_labels = [label for _, label in render_video(base, 0)]
+    fast_labels = [label for _, label in render_video(fast, 0)]
+    for t, label in enumerate(fast_labels):
+        np.testing.assert_array_equal(label, slow_labels[3 * t])
+    moved = [(a != b).mean() for a, b in zip(fast_labels, fast_labels[1:])]
+    still = [(a != b).mean() for a, b in zip(slow_labels[:5], slow_labels[1:5])]
+    assert np.mean(moved) > 1.3 * np.mean(still)  # displacement triples; changed pixels grow sub-linearly
+
+
+def test_motion_is_recorded_and_checked(tmp_path: Path) -> None:
+    generate_corpus(tmp_path, SynthConfig(videos=1, frames=2, height=32, width=64, motion=2.5))
+    assert json.loads((tmp_path / "manifest.json").read_text())["motion"] == 2.5
+    with pytest.raises(ValueError, match="motion"):
+        SynthConfig(videos=1, frames=2, height=32, width=64, motion=0)

@@ -4,19 +4,20 @@ real S3 (SeaweedFS): training, a killed worker, reruns, and `dcfm segment` loadi
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 
 import pytest
 
 from dcfm import storage
 from dcfm.checkpoint import load_checkpoint, read_card
-from dcfm.segment.config import ExitCode, SegmentJobConfig
+from dcfm.jobcli import ExitCode
+from dcfm.segment.config import SegmentJobConfig
 from dcfm.segment.job import run_segment_job
 from dcfm.synth import SynthConfig, generate_corpus
 from dcfm.train.config import TrainJobConfig
 from dcfm.train.job import RECORD_FILE, checkpoint_steps, run_train_job
 from dcfm.training import AugmentConfig, OptimConfig
+from tests.s3server import s3_bucket
 
 pytestmark = pytest.mark.slow
 
@@ -27,18 +28,8 @@ STEPS, EVERY, FAIL_AT = 8, 3, 5
 @pytest.fixture(scope="module")
 def bucket(s3_server, ray_local):
     """A bucket and the AWS environment for the whole module (the raylet got the same from ``ray_local``)."""
-    import s3fs
-
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in s3_server.env_vars().items():
-            patch.setenv(key, value)
-        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-            patch.delenv(key, raising=False)
-        s3fs.S3FileSystem.clear_instance_cache()
-        name = f"dcfm-train-{uuid.uuid4().hex[:10]}"
-        s3_server.client().create_bucket(Bucket=name)
-        yield f"s3://{name}"
-        s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.MonkeyPatch.context() as patch, s3_bucket(s3_server, patch, "dcfm-train") as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")

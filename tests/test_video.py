@@ -86,11 +86,14 @@ def test_cfr_and_vfr_timing(videos: dict[str, Path]) -> None:
 
 
 def _assert_chunks_match(path: Path, size: tuple[int, int] | None) -> None:
+    """Chunks decoded one by one, with the whole probe or with the chunk's window of it (what a segment
+    job's chunk task carries), concatenate to the sequential decode."""
     probe = probe_video(str(path))
     seq = _sequential(path, size)
-    for chunk in (1, 7, 16, 64):
-        got = [f for start in range(0, probe.frame_count, chunk)
-               for f in decode_range(str(path), probe, start, min(start + chunk, probe.frame_count), size)]
+    for chunk, windowed in ((1, False), (7, False), (7, True), (16, True), (64, False)):
+        bounds = [(start, min(start + chunk, probe.frame_count)) for start in range(0, probe.frame_count, chunk)]
+        got = [f for start, stop in bounds
+               for f in decode_range(str(path), probe.window(start, stop) if windowed else probe, start, stop, size)]
         assert [f.index for f in got] == list(range(probe.frame_count)), (path.name, chunk)
         assert [f.pts for f in got] == [pts for pts, _, _ in seq]
         assert [f.timestamp_s for f in got] == pytest.approx([t for _, t, _ in seq])
@@ -129,6 +132,19 @@ def test_range_edges(videos: dict[str, Path]) -> None:
     for start, stop in [(-1, 3), (3, 2), (0, N + 1)]:
         with pytest.raises(ValueError):
             decode_range(uri, probe, start, stop)
+
+
+def test_a_window_holds_only_what_its_chunk_decodes(videos: dict[str, Path]) -> None:
+    probe = probe_video(str(videos["bframes"]))
+    assert len(probe.keyframes) >= 3
+    start = probe.keyframes[-1] + 1
+    window = probe.window(start, N)
+    assert window.first_index == probe.keyframes[-2]  # the earliest of the two seek points tried
+    assert window.pts == probe.pts[window.first_index:] and window.keyframes == probe.keyframes[-2:]
+    assert [window.timestamp_s(i) for i in range(start, N)] == [probe.timestamp_s(i) for i in range(start, N)]
+    assert window.index_of(probe.pts[0]) == window.first_index - 1  # before the window: pre-roll
+    with pytest.raises(ValueError):
+        probe.window(3, N + 1)
 
 
 def test_decoder_disagreeing_with_probe_is_a_decode_error(videos: dict[str, Path]) -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import traceback
 from collections.abc import Sequence
+
+from dcfm.jobcli import parse_size, positive_int, run_job
 
 EPILOG = """\
 outputs (OUTPUT is local or s3://):
@@ -20,13 +20,11 @@ exit status: 0 evaluated; 2 bad command line; 3 the job failed (checkpoint, data
 
 
 def _resolution(text: str):
-    from dcfm.cli import parse_size
 
     return "native" if text == "native" else parse_size(text)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dcfm.cli import _positive_int
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
@@ -37,22 +35,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=["auto", "synth", "cityscapes", "vspw", "camvid"], default="auto")
     p.add_argument("--split", default="val", help="dataset split (default val; synth corpora without splits: all)")
     p.add_argument("--videos", default=None, metavar="ID,ID", help="only these clip ids")
-    p.add_argument("--keyframe-interval", "-k", type=_positive_int, default=2, metavar="K",
+    p.add_argument("--keyframe-interval", "-k", type=positive_int, default=2, metavar="K",
                    help="one keyframe every K frames (default 2, the paper's)")
     p.add_argument("--mode", choices=["causal", "bidirectional"], default="bidirectional",
                    help="reuse the previous keyframe only, or sum previous and next (default)")
     p.add_argument("--adaptive", action="store_true", help="adaptive keyframe scheduling instead of a fixed K")
-    p.add_argument("--min-interval", type=_positive_int, default=1, help="adaptive: minimum keyframe gap")
-    p.add_argument("--max-interval", type=_positive_int, default=6, help="adaptive: maximum keyframe gap")
+    p.add_argument("--min-interval", type=positive_int, default=1, help="adaptive: minimum keyframe gap")
+    p.add_argument("--max-interval", type=positive_int, default=6, help="adaptive: maximum keyframe gap")
     p.add_argument("--threshold", type=float, default=0.1, help="adaptive: distance that triggers a keyframe")
     p.add_argument("--score", choices=["rgb", "feature"], default="rgb", help="adaptive: distance measure")
     p.add_argument("--sweep", action="store_true",
                    help="score k = 1, 2, 4, 6 in both modes (k = 1 once) and plot accuracy against speed")
     p.add_argument("--resolution", type=_resolution, default=None, metavar="HxW|native",
                    help="model input size (default: the checkpoint's training size; native: the frames' own)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="frames per model batch (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="frames per model batch (default 8)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--save-masks", action="store_true", help="also write every predicted mask as a PNG")
 
 
@@ -73,25 +71,10 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from dcfm.checkpoint import CheckpointError
+    """Run `dcfm evaluate` from parsed arguments; returns the exit status."""
     from dcfm.evaluate.job import run_evaluate_job
-    from dcfm.train.config import ExitCode
 
-    try:
-        config = config_from_args(args)
-    except ValueError as err:
-        print(f"dcfm evaluate: error: {err}", file=sys.stderr)
-        return ExitCode.USAGE
-    try:
-        run_evaluate_job(config)
-    except (CheckpointError, ValueError, KeyError, FileNotFoundError, PermissionError) as err:
-        print(f"dcfm evaluate: job failed: {err}", file=sys.stderr)
-        return ExitCode.JOB_FAILED
-    except Exception:
-        traceback.print_exc()
-        print("dcfm evaluate: job failed", file=sys.stderr)
-        return ExitCode.JOB_FAILED
-    return ExitCode.OK
+    return run_job("evaluate", args, config_from_args, run_evaluate_job, "rerun the same command")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

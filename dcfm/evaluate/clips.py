@@ -108,12 +108,7 @@ def open_clips(root: str | Path, layout: str = "auto", split: str = "val",
     name = detect_layout(root) if layout == "auto" else layout
     if name == "synth":
         manifest = load_manifest(root)
-        ids = video_ids
-        splits = _manifest_splits(root)
-        if ids is None and splits is not None:
-            if split not in splits:
-                raise KeyError(f"split {split!r} not in {root / 'manifest.json'} (has {sorted(splits)})")
-            ids = splits[split]
+        ids = video_ids if video_ids is not None else manifest.split_ids(split)
         clips = ClipSet("synth", synth_videos(manifest, ids), list(manifest.classes), list(manifest.palette))
     else:
         builders = {"vspw": _vspw, "cityscapes": _cityscapes, "camvid": _camvid}
@@ -125,9 +120,3 @@ def open_clips(root: str | Path, layout: str = "auto", split: str = "val",
     if not clips.videos:
         raise ValueError(f"no labelled clips in {root} (layout {name}, split {split!r})")
     return clips
-
-
-def _manifest_splits(root: Path) -> dict[str, list[str]] | None:
-    import json
-
-    return json.loads((root / "manifest.json").read_text()).get("splits")

@@ -1,5 +1,6 @@
 """The segment job: Ray Data over video corpora, keyframe reuse per chunk, Parquet outputs."""
 
-from dcfm.segment.config import ExitCode, MaskResolution, SegmentJobConfig
+from dcfm.jobcli import ExitCode
+from dcfm.segment.config import MaskResolution, SegmentJobConfig
 
 __all__ = ["ExitCode", "MaskResolution", "SegmentJobConfig"]

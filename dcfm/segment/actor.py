@@ -65,6 +65,12 @@ class ChunkSummary:
     agreement_sum: float = 0.0
     agreement_count: int = 0
     seconds: float = 0.0
+    # Where the chunk's seconds went (they add up to `seconds` less set-up): waiting on the decoder,
+    # the model (inference, upsampling, argmax), building rows (PNG masks, metrics), writing Parquet.
+    decode_wait_s: float = 0.0
+    model_s: float = 0.0
+    rows_s: float = 0.0
+    write_s: float = 0.0
     peak_rss_mb: float = 0.0  # the actor's peak resident memory after this chunk
     probe: dict | None = None
     error: dict | None = None
@@ -189,19 +195,30 @@ class ChunkSegmenter:
 
         def frames() -> Iterator[np.ndarray]:
             decoded = decode_range(task.uri, task.video_probe(), task.lead_start, task.decode_stop, size=s.resolution)
-            for frame in prefetch(decoded, 2 * s.batch_size):
+            buffered = prefetch(decoded, 2 * s.batch_size)
+            while True:
+                asked = time.perf_counter()
+                frame = next(buffered, None)
+                summary.decode_wait_s += time.perf_counter() - asked
+                if frame is None:
+                    return
                 timestamps[frame.index] = frame.timestamp_s
                 yield frame.rgb
 
         lookahead = task.stop - task.lead_start if task.decode_stop > task.stop else None
         rows: dict[str, list] = {name: [] for name in output_schema("frames").file_schema.names}
         previous: np.ndarray | None = None
+        loop_start = time.perf_counter()
         for result in segmenter.segment(frames(), start_index=task.lead_start, lookahead_from=lookahead):
+            row_start = time.perf_counter()
             if result.index >= task.start:
                 self._add_row(rows, task, result, previous, timestamps.pop(result.index), source_size, summary)
             else:
                 timestamps.pop(result.index, None)
             previous = result.labels
+            summary.rows_s += time.perf_counter() - row_start
+        summary.model_s = time.perf_counter() - loop_start - summary.rows_s - summary.decode_wait_s
+        write_start = time.perf_counter()
         expected = task.stop - task.start
         if summary.frames != expected:
             raise VideoError(task.uri, "decode", f"{task.uri}: decoded {summary.frames} of the {expected} frames "
@@ -210,6 +227,7 @@ class ChunkSegmenter:
             self.layout.staging_file(s.run_id, task.video_id, task.chunk_index),
             parquet_bytes(table_for("frames", rows)),
         )
+        summary.write_s = time.perf_counter() - write_start
         return summary
 
     def _add_row(

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import traceback
 from collections.abc import Sequence
 
-from dcfm.segment.config import ExitCode
+from dcfm.jobcli import parse_size, positive_int, run_job
 
 EPILOG = """\
 exit status:
@@ -33,31 +31,29 @@ def _actors(text: str) -> tuple[int, int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dcfm.cli import _positive_int, parse_size
-
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="video files, directories, globs, s3:// prefixes, or a manifest (.txt, or .parquet with a uri column)")
     p.add_argument("--output", required=True, metavar="URI", help="local directory or s3:// prefix for the outputs")
     p.add_argument("--checkpoint", required=True, metavar="URI", help="checkpoint directory (local or s3://)")
-    p.add_argument("--keyframe-interval", "-k", type=_positive_int, default=2, metavar="K",
+    p.add_argument("--keyframe-interval", "-k", type=positive_int, default=2, metavar="K",
                    help="one keyframe every K frames (default 2, the paper's)")
     p.add_argument("--mode", choices=["causal", "bidirectional"], default="bidirectional",
                    help="reuse the previous keyframe only, or sum previous and next (default)")
     p.add_argument("--adaptive", action="store_true", help="adaptive keyframe scheduling instead of a fixed K")
-    p.add_argument("--min-interval", type=_positive_int, default=1, help="adaptive: minimum keyframe gap")
-    p.add_argument("--max-interval", type=_positive_int, default=6, help="adaptive: maximum keyframe gap")
+    p.add_argument("--min-interval", type=positive_int, default=1, help="adaptive: minimum keyframe gap")
+    p.add_argument("--max-interval", type=positive_int, default=6, help="adaptive: maximum keyframe gap")
     p.add_argument("--threshold", type=float, default=0.1, help="adaptive: distance that triggers a keyframe")
     p.add_argument("--score", choices=["rgb", "feature"], default="rgb",
                    help="adaptive: mean |dRGB| (the authors') or shallow-feature cosine distance (TFC-style)")
-    p.add_argument("--chunk-frames", type=_positive_int, default=256,
+    p.add_argument("--chunk-frames", type=positive_int, default=256,
                    help="frames per chunk, rounded up to a multiple of K (default 256)")
     p.add_argument("--resolution", type=parse_size, metavar="HxW",
                    help="resolution the model runs at (default: the checkpoint's training size)")
     p.add_argument("--mask-resolution", choices=["source", "model"], default="source",
                    help="write masks at the video's resolution (default) or the model's")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="frames per model batch within a chunk")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="frames per model batch within a chunk")
     p.add_argument("--actors", type=_actors, default=(1, 1), metavar="MIN[,MAX]",
                    help="actor pool size; autoscales between MIN and MAX (default 1)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (1 on a GPU cluster)")
@@ -99,23 +95,10 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from dcfm.checkpoint import CheckpointError
+    """Run `dcfm segment` from parsed arguments; returns the exit status EPILOG documents."""
     from dcfm.segment.job import run_segment_job
 
-    try:
-        config = config_from_args(args)
-    except ValueError as err:
-        print(f"dcfm segment: error: {err}", file=sys.stderr)
-        return ExitCode.USAGE
-    try:
-        return int(run_segment_job(config).exit_code)
-    except (CheckpointError, ValueError, FileNotFoundError, PermissionError) as err:
-        print(f"dcfm segment: job failed: {err}", file=sys.stderr)
-        return ExitCode.JOB_FAILED
-    except Exception:  # anything else is the job's failure too: say so, with the traceback
-        traceback.print_exc()
-        print("dcfm segment: job failed; rerun the same command to resume", file=sys.stderr)
-        return ExitCode.JOB_FAILED
+    return run_job("segment", args, config_from_args, run_segment_job)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,18 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from enum import Enum, IntEnum
+from enum import Enum
 
 from dcfm.inference import KeyframePolicy, ReuseMode
-
-
-class ExitCode(IntEnum):
-    """Process exit status of the segment job."""
-
-    OK = 0  # every input committed with status ok or empty
-    INPUTS_FAILED = 1  # the job finished, but some inputs failed (see errors/)
-    USAGE = 2  # bad command line (argparse)
-    JOB_FAILED = 3  # the job itself failed (cluster, checkpoint, output not writable); rerun resumes
 
 
 class MaskResolution(str, Enum):

@@ -16,11 +16,14 @@ from dcfm import storage
 from dcfm.checkpoint import read_card
 from dcfm.decode import VideoError, probe_video
 from dcfm.segment.actor import ActorSettings, ChunkSegmenter, ChunkSummary
-from dcfm.segment.config import ExitCode, SegmentJobConfig
+from dcfm.jobcli import ExitCode
+from dcfm.segment.config import SegmentJobConfig
 from dcfm.segment.outputs import OutputLayout
 from dcfm.segment.plan import ChunkTask, TaskError, lead_in_frames, plan_tasks
 from dcfm.sources import InputItem, expand_inputs
 
+# ChunkSummary's timing fields, summed over chunks: where the actors' time went.
+ACTOR_STAGES = ("seconds", "model_s", "decode_wait_s", "rows_s", "write_s")
 PACKAGES = ("dcfm", "torch", "timm", "ray", "pyarrow", "av", "numpy", "s3fs")
 
 
@@ -71,6 +74,9 @@ class JobSummary:
     chunks: int = 0
     seconds: float = 0.0
     peak_actor_rss_mb: float = 0.0
+    # Until the first chunk came back: planning, probing, actor start and model load, one chunk's work.
+    first_chunk_s: float = 0.0
+    actor_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ACTOR_STAGES, 0.0))
     rows: list[dict] = field(default_factory=list)
 
     @property
@@ -187,6 +193,9 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
         summary.chunks += 1
         summary.frames += chunk.frames
         summary.peak_actor_rss_mb = max(summary.peak_actor_rss_mb, chunk.peak_rss_mb)
+        summary.first_chunk_s = summary.first_chunk_s or time.perf_counter() - t0
+        for stage in ACTOR_STAGES:
+            summary.actor_s[stage] += getattr(chunk, stage)
         if chunk.status == "failed":
             log(f"[segment] FAILED {redact(chunk.uri)} ({chunk.error['stage']}): {chunk.error['message']}")
         if state.complete():
@@ -285,6 +294,12 @@ def _print_summary(s: JobSummary, log: Callable[[str], None]) -> None:
     log(f"[segment] {s.ok} ok, {s.empty} empty, {s.failed} failed, {s.skipped} skipped (already committed); "
         f"{s.frames} frames in {s.seconds:.1f}s ({s.frames_per_second:.1f} frames/s); "
         f"peak actor memory {s.peak_actor_rss_mb:.0f} MiB; exit {int(s.exit_code)}")
+    busy = s.actor_s["seconds"]
+    if busy:
+        share = {stage: 100 * s.actor_s[stage] / busy for stage in ACTOR_STAGES}
+        log(f"[segment] actors busy {busy:.1f}s: model {share['model_s']:.0f}%, waiting on decode "
+            f"{share['decode_wait_s']:.0f}%, masks and metrics {share['rows_s']:.0f}%, Parquet writes "
+            f"{share['write_s']:.0f}%; first chunk back after {s.first_chunk_s:.1f}s")
 
 
 def _write_manifest(layout: OutputLayout, config: SegmentJobConfig, s: JobSummary, digest: str,
@@ -304,7 +319,8 @@ def _write_manifest(layout: OutputLayout, config: SegmentJobConfig, s: JobSummar
         "packages": _package_versions(),
         "counts": {"inputs": s.videos, "ok": s.ok, "empty": s.empty, "failed": s.failed, "skipped": s.skipped,
                    "chunks": s.chunks, "frames": s.frames},
-        "timings": {"seconds": s.seconds, "frames_per_second": s.frames_per_second},
+        "timings": {"seconds": s.seconds, "frames_per_second": s.frames_per_second,
+                    "first_chunk_s": s.first_chunk_s, "actor_s": s.actor_s},
         "peak_actor_rss_mb": s.peak_actor_rss_mb,
     }
     stamp = started.strftime("%Y%m%dT%H%M%S%fZ")

@@ -54,8 +54,10 @@ class ChunkTask:
     stop: int = 0
     lead_start: int = 0  # first frame decoded (<= start)
     decode_stop: int = 0  # one past the last frame decoded (stop + 1 with a look-ahead frame)
-    # The whole video's probe travels with each chunk: frame-accurate seeking needs every frame's pts and
-    # the seek points, and decoding from a keyframe before lead_start meets frames outside the chunk.
+    # The probe's window for this chunk (`VideoProbe.window`): the pts of frames pts_from.. up to
+    # decode_stop and the seek points among them; frame-accurate seeking needs no more, and a chunk of a
+    # long video stays small.
+    pts_from: int = 0
     pts: list[int] = field(default_factory=list)
     keyframes: list[int] = field(default_factory=list)
     time_base: tuple[int, int] = (1, 1)
@@ -72,7 +74,7 @@ class ChunkTask:
         return VideoProbe(
             uri=self.uri, frame_count=p.frame_count, pts=tuple(self.pts), time_base=Fraction(*self.time_base),
             fps=p.fps, duration_s=p.duration_s, codec=p.codec, width=p.width, height=p.height,
-            keyframes=tuple(self.keyframes),
+            keyframes=tuple(self.keyframes), first_index=self.pts_from,
         )
 
     @classmethod
@@ -110,11 +112,13 @@ def plan_tasks(video_id: str, uri: str, probe: VideoProbe, chunk_frames: int, le
         return [ChunkTask(video_id, uri, chunk_index=-1, num_chunks=1, probe=info)]
     bounds = chunk_bounds(n, chunk_frames)
     time_base = (probe.time_base.numerator, probe.time_base.denominator)
-    return [
-        ChunkTask(
-            video_id, uri, index, len(bounds), start, stop,
-            lead_start=max(0, start - lead_in), decode_stop=min(n, stop + 1),
-            pts=list(probe.pts), keyframes=list(probe.keyframes), time_base=time_base, probe=info,
-        )
-        for index, (start, stop) in enumerate(bounds)
-    ]
+    tasks = []
+    for index, (start, stop) in enumerate(bounds):
+        lead_start, decode_stop = max(0, start - lead_in), min(n, stop + 1)
+        window = probe.window(lead_start, decode_stop)
+        tasks.append(ChunkTask(
+            video_id, uri, index, len(bounds), start, stop, lead_start=lead_start, decode_stop=decode_stop,
+            pts_from=window.first_index, pts=list(window.pts), keyframes=list(window.keyframes),
+            time_base=time_base, probe=info,
+        ))
+    return tasks

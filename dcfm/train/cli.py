@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import traceback
 from collections.abc import Sequence
+
+from dcfm.jobcli import parse_size, positive_int, run_job
 
 EPILOG = """\
 outputs (OUTPUT is local or s3://):
@@ -35,7 +35,6 @@ def _float_pair(text: str) -> tuple[float, float]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dcfm.cli import _positive_int, parse_size
     from dcfm.datasets import LAYOUTS
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -46,17 +45,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, metavar="URI", help="run directory (local or s3://bucket/path/run)")
     p.add_argument("--layout", choices=["auto", *LAYOUTS], default="auto", help="dataset layout (default: detect)")
     p.add_argument("--split", default="train", help="dataset split (default train)")
-    p.add_argument("--delta", type=_positive_int, default=1, help="neighbour distance U = L ± delta (default 1)")
-    p.add_argument("--max-delta", type=_positive_int, default=None,
+    p.add_argument("--delta", type=positive_int, default=1, help="neighbour distance U = L ± delta (default 1)")
+    p.add_argument("--max-delta", type=positive_int, default=None,
                    help="draw the neighbour distance from DELTA..MAX_DELTA for every pair visit, so reuse is also "
                         "trained over the gaps k-1 frames wide that inference at interval k has (default: DELTA)")
     p.add_argument("--backbone", default="resnet18", help="resnet18/50/101 or pvt_v2_b0..b5 (default resnet18)")
     p.add_argument("--pretrained", action="store_true", help="ImageNet backbone weights from the timm hub")
-    p.add_argument("--workers", type=_positive_int, default=1, help="Ray Train workers (DDP ranks; default 1)")
+    p.add_argument("--workers", type=positive_int, default=1, help="Ray Train workers (DDP ranks; default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (1 on a GPU cluster)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker, also its torch threads")
-    p.add_argument("--steps", type=_positive_int, default=1000, help="optimisation steps (default 1000)")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="pairs per worker per step (default 4)")
+    p.add_argument("--steps", type=positive_int, default=1000, help="optimisation steps (default 1000)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="pairs per worker per step (default 4)")
     p.add_argument("--crop", type=parse_size, default=(256, 512), metavar="HxW", help="training crop (default 256x512)")
     p.add_argument("--scale", type=_float_pair, default=(0.75, 1.5), metavar="MIN,MAX",
                    help="random scale range relative to the size that fits the crop (default 0.75,1.5)")
@@ -77,9 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--consistency-weight", type=float, default=None,
                    help="λ2, the consistency loss weight (default: the paper's per dataset, 10; 5 for VSPW)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=100, help="steps between checkpoints")
-    p.add_argument("--keep-checkpoints", type=_positive_int, default=2, help="checkpoints kept (default 2)")
-    p.add_argument("--log-every", type=_positive_int, default=10, help="steps between loss/throughput lines")
+    p.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps between checkpoints")
+    p.add_argument("--keep-checkpoints", type=positive_int, default=2, help="checkpoints kept (default 2)")
+    p.add_argument("--log-every", type=positive_int, default=10, help="steps between loss/throughput lines")
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before giving up (default 3)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
@@ -114,28 +113,11 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from dcfm.checkpoint import CheckpointError
-    from dcfm.train.config import ExitCode, RunMismatchError
+    """Run `dcfm train` from parsed arguments; returns the exit status."""
     from dcfm.train.job import run_train_job
 
-    try:
-        config = config_from_args(args)
-    except ValueError as err:
-        print(f"dcfm train: error: {err}", file=sys.stderr)
-        return ExitCode.USAGE
-    try:
-        run_train_job(config)
-    except RunMismatchError as err:
-        print(f"dcfm train: error: {err}", file=sys.stderr)
-        return ExitCode.USAGE
-    except (CheckpointError, ValueError, FileNotFoundError, PermissionError) as err:  # data, checkpoint, storage
-        print(f"dcfm train: job failed: {err}", file=sys.stderr)
-        return ExitCode.JOB_FAILED
-    except Exception:  # a training failure (Ray's TrainingFailedError wraps the worker's traceback)
-        traceback.print_exc()
-        print("dcfm train: job failed; rerun the same command to resume from the latest checkpoint", file=sys.stderr)
-        return ExitCode.JOB_FAILED
-    return ExitCode.OK
+    return run_job("train", args, config_from_args, run_train_job,
+                   "rerun the same command to resume from the latest checkpoint")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from enum import IntEnum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from dcfm.datasets import LAYOUTS
+from dcfm.jobcli import SettingsConflict
 from dcfm.losses import LossWeights
 from dcfm.training import AugmentConfig, OptimConfig
 
@@ -21,15 +21,7 @@ EXECUTION_FIELDS = (
 )
 
 
-class ExitCode(IntEnum):
-    """Process exit status of `dcfm train` / `dcfm evaluate`."""
-
-    OK = 0
-    USAGE = 2  # bad command line or settings that contradict the run already in --output
-    JOB_FAILED = 3  # the job failed (data, cluster, storage); rerunning the same command resumes
-
-
-class RunMismatchError(ValueError):
+class RunMismatchError(SettingsConflict):
     """The output directory holds a run with other settings; resuming it would mix two trainings."""
 
 
