@@ -1,6 +1,6 @@
 """Training benchmark: DCFM's symmetric-pair training against per-frame training, and training throughput.
 
-    python benchmarks/bench_train.py [--minutes 15] [--work bench-train-work]        # the full run: ~55 min
+    python benchmarks/bench_train.py --minutes 12 --size 64x128 --motion 4 --held-out 6  # BENCHMARKS.md: ~42 min
     python benchmarks/bench_train.py --minutes 0.5 --videos 3 --held-out 1 --frames 12 --size 64x128 \\
         --throughput-steps 4                                                       # a smoke run: ~3 min
 

@@ -57,6 +57,28 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def add_reuse_arguments(p: argparse.ArgumentParser) -> None:
+    """The keyframe schedule and reuse mode options, the same for `segment` and `evaluate`."""
+    p.add_argument("--keyframe-interval", "-k", type=positive_int, default=2, metavar="K",
+                   help="one keyframe every K frames (default 2, the paper's)")
+    p.add_argument("--mode", choices=["causal", "bidirectional"], default="bidirectional",
+                   help="reuse the previous keyframe only, or sum previous and next (default)")
+    p.add_argument("--adaptive", action="store_true", help="adaptive keyframe scheduling instead of a fixed K")
+    p.add_argument("--min-interval", type=positive_int, default=1, help="adaptive: minimum keyframe gap")
+    p.add_argument("--max-interval", type=positive_int, default=6, help="adaptive: maximum keyframe gap")
+    p.add_argument("--threshold", type=float, default=0.1, help="adaptive: distance that triggers a keyframe")
+    p.add_argument("--score", choices=["rgb", "feature"], default="rgb",
+                   help="adaptive: mean |dRGB| (the authors') or shallow-feature cosine distance (TFC-style)")
+
+
+def keyframe_policy(args: argparse.Namespace):
+    """The KeyframePolicy the options of `add_reuse_arguments` describe (ValueError if they contradict)."""
+    from dcfm.inference import KeyframePolicy  # keeps `dcfm --help` free of torch
+
+    return KeyframePolicy(interval=args.keyframe_interval, adaptive=args.adaptive, min_interval=args.min_interval,
+                          max_interval=args.max_interval, threshold=args.threshold, score=args.score)
+
+
 def run_job(
     name: str,
     args: argparse.Namespace,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from dcfm.jobcli import parse_size, positive_int, run_job
+from dcfm.jobcli import add_reuse_arguments, keyframe_policy, parse_size, positive_int, run_job
 
 EPILOG = """\
 outputs (OUTPUT is local or s3://):
@@ -35,15 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=["auto", "synth", "cityscapes", "vspw", "camvid"], default="auto")
     p.add_argument("--split", default="val", help="dataset split (default val; synth corpora without splits: all)")
     p.add_argument("--videos", default=None, metavar="ID,ID", help="only these clip ids")
-    p.add_argument("--keyframe-interval", "-k", type=positive_int, default=2, metavar="K",
-                   help="one keyframe every K frames (default 2, the paper's)")
-    p.add_argument("--mode", choices=["causal", "bidirectional"], default="bidirectional",
-                   help="reuse the previous keyframe only, or sum previous and next (default)")
-    p.add_argument("--adaptive", action="store_true", help="adaptive keyframe scheduling instead of a fixed K")
-    p.add_argument("--min-interval", type=positive_int, default=1, help="adaptive: minimum keyframe gap")
-    p.add_argument("--max-interval", type=positive_int, default=6, help="adaptive: maximum keyframe gap")
-    p.add_argument("--threshold", type=float, default=0.1, help="adaptive: distance that triggers a keyframe")
-    p.add_argument("--score", choices=["rgb", "feature"], default="rgb", help="adaptive: distance measure")
+    add_reuse_arguments(p)
     p.add_argument("--sweep", action="store_true",
                    help="score k = 1, 2, 4, 6 in both modes (k = 1 once) and plot accuracy against speed")
     p.add_argument("--resolution", type=_resolution, default=None, metavar="HxW|native",
@@ -56,15 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     from dcfm.evaluate.config import EvaluateJobConfig
-    from dcfm.inference import KeyframePolicy
 
     native = args.resolution == "native"
     return EvaluateJobConfig(
         checkpoint=args.checkpoint, data=args.data, output=args.output, layout=args.layout, split=args.split,
         video_ids=[v for v in args.videos.split(",") if v] if args.videos else None,
-        keyframes=KeyframePolicy(interval=args.keyframe_interval, adaptive=args.adaptive,
-                                 min_interval=args.min_interval, max_interval=args.max_interval,
-                                 threshold=args.threshold, score=args.score),
+        keyframes=keyframe_policy(args),
         mode=args.mode, sweep=args.sweep, resolution=None if native else args.resolution, native_resolution=native,
         batch_size=args.batch_size, device=args.device, threads=args.threads, save_masks=args.save_masks,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from dcfm.jobcli import parse_size, positive_int, run_job
+from dcfm.jobcli import add_reuse_arguments, keyframe_policy, parse_size, positive_int, run_job
 
 EPILOG = """\
 exit status:
@@ -37,16 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="video files, directories, globs, s3:// prefixes, or a manifest (.txt, or .parquet with a uri column)")
     p.add_argument("--output", required=True, metavar="URI", help="local directory or s3:// prefix for the outputs")
     p.add_argument("--checkpoint", required=True, metavar="URI", help="checkpoint directory (local or s3://)")
-    p.add_argument("--keyframe-interval", "-k", type=positive_int, default=2, metavar="K",
-                   help="one keyframe every K frames (default 2, the paper's)")
-    p.add_argument("--mode", choices=["causal", "bidirectional"], default="bidirectional",
-                   help="reuse the previous keyframe only, or sum previous and next (default)")
-    p.add_argument("--adaptive", action="store_true", help="adaptive keyframe scheduling instead of a fixed K")
-    p.add_argument("--min-interval", type=positive_int, default=1, help="adaptive: minimum keyframe gap")
-    p.add_argument("--max-interval", type=positive_int, default=6, help="adaptive: maximum keyframe gap")
-    p.add_argument("--threshold", type=float, default=0.1, help="adaptive: distance that triggers a keyframe")
-    p.add_argument("--score", choices=["rgb", "feature"], default="rgb",
-                   help="adaptive: mean |dRGB| (the authors') or shallow-feature cosine distance (TFC-style)")
+    add_reuse_arguments(p)
     p.add_argument("--chunk-frames", type=positive_int, default=256,
                    help="frames per chunk, rounded up to a multiple of K (default 256)")
     p.add_argument("--resolution", type=parse_size, metavar="HxW",
@@ -66,17 +57,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from dcfm.inference import KeyframePolicy
     from dcfm.segment.config import SegmentJobConfig
 
     return SegmentJobConfig(
         inputs=list(args.inputs),
         output=args.output,
         checkpoint=args.checkpoint,
-        keyframes=KeyframePolicy(
-            interval=args.keyframe_interval, adaptive=args.adaptive, min_interval=args.min_interval,
-            max_interval=args.max_interval, threshold=args.threshold, score=args.score,
-        ),
+        keyframes=keyframe_policy(args),
         mode=args.mode,
         chunk_frames=args.chunk_frames,
         resolution=args.resolution,
