@@ -153,7 +153,9 @@ def generate_corpus(out_dir: Path, config: SynthConfig) -> Path:
     """Render, encode and label `config.videos` videos under out_dir; return the manifest path.
 
     Layout: videos/<id>.mp4, labels/<id>/<frame:06d>.png, manifest.json (written last, so a
-    directory with a manifest is complete). Same config, same bytes.
+    directory with a manifest is complete). Same config, same bytes, when the width is a multiple
+    of 32 (see dcfm.video.write_video); at other widths the same labels, and videos that may differ
+    in encoder decisions.
     """
     out_dir = Path(out_dir)
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)

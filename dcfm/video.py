@@ -27,6 +27,9 @@ from dcfm.decode import (  # noqa: F401  (re-exported)
 # x264 is deterministic for a fixed build when it runs single-threaded (sliced/frame threads
 # reorder rate-control decisions), and the muxer stops writing version strings and wall-clock
 # times under the bitexact flags, so two runs with the same frames give the same bytes.
+# Except at widths that are not a multiple of 32: there the x264 build PyAV ships reads
+# uninitialised padding in its lookahead (valgrind shows it at widths 48, 80, 112, 144; never at
+# 64, 96, 128), so decisions, and bytes, can change from run to run. The video stays valid.
 _X264_OPTIONS = {
     "preset": "veryfast",  # at these sizes files are barely bigger than with "medium", and 2x faster
     "threads": "1",
@@ -95,7 +98,8 @@ def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
 def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: int, crf: int = 18) -> int:
     """Encode RGB uint8 frames (H, W, 3; H and W even) as H.264 yuv420p MP4; return the frame count.
 
-    Output is byte-identical for identical input (single-threaded x264, bitexact muxing).
+    Output is byte-identical for identical input (single-threaded x264, bitexact muxing) when
+    the width is a multiple of 32; see _X264_OPTIONS for why other widths may not be.
     """
     options = dict(_X264_OPTIONS, crf=str(int(crf)))
     count = 0
