@@ -9,7 +9,7 @@
      everything included: planning, probing, actor start and model load, decode, PNG masks, Parquet,
      commits. Reported as frames / wall seconds of `run_segment_job`, with where the actors' time went
      (the job's own accounting: model, waiting on decode, masks and metrics, Parquet writes) and how
-     long until the first chunk came back (the fixed start-up cost).
+     long until the first actor had its model loaded (the fixed start-up cost).
 2. Memory: peak RSS of the (single) actor on a short video and on a long one (>= 5000 frames), each in a
    fresh Ray session, chunk 256 frames.
 """
@@ -82,7 +82,7 @@ def run_job(videos, out: Path, checkpoint: str, k: int, actors: int, chunk: int,
     summary = run_segment_job(config, log=lambda _: None)
     seconds = time.perf_counter() - start
     return {"frames": summary.frames, "seconds": seconds, "rss": summary.peak_actor_rss_mb,
-            "first_chunk_s": summary.first_chunk_s, "actor_s": summary.actor_s}
+            "startup_s": summary.startup_s, "actor_s": summary.actor_s}
 
 
 def main() -> None:
@@ -111,7 +111,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
     frames, seconds = plain_loop(videos, model, (h, w), args.batch)
-    print("\n| pipeline | k | actors x threads | frames | seconds | frames/s | first chunk s | actor time: model / "
+    print("\n| pipeline | k | actors x threads | frames | seconds | frames/s | start-up s | actor time: model / "
           "decode wait / masks+metrics / Parquet |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| plain loop (decode + model, no Ray, no output) | 1 | 1 x 2 | {frames} | {seconds:.1f} | "
@@ -123,7 +123,7 @@ def main() -> None:
             split = " / ".join(f"{100 * t[stage] / t['seconds']:.0f}%" for stage in
                                ("model_s", "decode_wait_s", "rows_s", "write_s"))
             print(f"| dcfm segment (local Ray, Parquet) | {k} | {actors} x {2 // actors} | {r['frames']} | "
-                  f"{r['seconds']:.1f} | {r['frames'] / r['seconds']:.1f} | {r['first_chunk_s']:.1f} | {split} |",
+                  f"{r['seconds']:.1f} | {r['frames'] / r['seconds']:.1f} | {r['startup_s']:.1f} | {split} |",
                   flush=True)
 
     lh, lw = (int(v) for v in args.long_size.split("x"))

@@ -19,13 +19,13 @@ exit status: 0 evaluated; 2 bad command line; 3 the job failed (checkpoint, data
 """
 
 
-def _resolution(text: str):
-
+def _resolution(text: str) -> str | tuple[int, int]:
+    """--resolution: "native" or HxW."""
     return "native" if text == "native" else parse_size(text)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-
+    """Options of `dcfm evaluate` (shared with jobs/evaluate.py)."""
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
     p.add_argument("--checkpoint", required=True, metavar="URI", help="checkpoint directory (local or s3://)")

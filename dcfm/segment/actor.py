@@ -11,6 +11,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -72,6 +73,9 @@ class ChunkSummary:
     rows_s: float = 0.0
     write_s: float = 0.0
     peak_rss_mb: float = 0.0  # the actor's peak resident memory after this chunk
+    # Unix time the actor that ran this chunk had its model loaded. Wall clock, because the driver must
+    # compare it with its own start; nodes of one cluster agree to well under a second (NTP).
+    actor_ready_at: float = 0.0
     probe: dict | None = None
     error: dict | None = None
     extra: dict = field(default_factory=dict)
@@ -87,14 +91,21 @@ def prefetch(items: Iterable, depth: int) -> Iterator:
     stop = threading.Event()
 
     def produce() -> None:
+        iterator = iter(items)
         try:
-            for item in items:
+            for item in iterator:
                 if stop.is_set():
                     return
                 buffer.put(item)
             buffer.put(_DONE)
         except BaseException as err:  # re-raised in the consumer, with the decoder's own traceback
             buffer.put(err)
+        finally:
+            # Close the source here, in the thread that iterated it, so an abandoned decode releases
+            # its container now rather than whenever the generator is collected.
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
 
     thread = threading.Thread(target=produce, name="dcfm-decode", daemon=True)
     thread.start()
@@ -145,6 +156,7 @@ class ChunkSegmenter:
         self.model = loaded.model
         self.card = loaded.card
         self.layout = OutputLayout(settings.output)
+        self.ready_at = time.time()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
         summaries = [self.run(ChunkTask.from_json(str(text))).to_json() for text in batch["task"]]
@@ -155,7 +167,7 @@ class ChunkSegmenter:
         begin = time.perf_counter()
         base = ChunkSummary(
             task.video_id, task.uri, task.chunk_index, task.num_chunks, status="ok",
-            probe=asdict(task.probe) if task.probe else None,
+            probe=asdict(task.probe) if task.probe else None, actor_ready_at=self.ready_at,
         )
         if task.error is not None:
             return replace(base, status="failed", error=asdict(task.error))
@@ -195,15 +207,15 @@ class ChunkSegmenter:
 
         def frames() -> Iterator[np.ndarray]:
             decoded = decode_range(task.uri, task.video_probe(), task.lead_start, task.decode_stop, size=s.resolution)
-            buffered = prefetch(decoded, 2 * s.batch_size)
-            while True:
-                asked = time.perf_counter()
-                frame = next(buffered, None)
-                summary.decode_wait_s += time.perf_counter() - asked
-                if frame is None:
-                    return
-                timestamps[frame.index] = frame.timestamp_s
-                yield frame.rgb
+            with closing(prefetch(decoded, 2 * s.batch_size)) as buffered:
+                while True:
+                    asked = time.perf_counter()
+                    frame = next(buffered, None)
+                    summary.decode_wait_s += time.perf_counter() - asked
+                    if frame is None:
+                        return
+                    timestamps[frame.index] = frame.timestamp_s
+                    yield frame.rgb
 
         lookahead = task.stop - task.lead_start if task.decode_stop > task.stop else None
         rows: dict[str, list] = {name: [] for name in output_schema("frames").file_schema.names}

@@ -74,8 +74,9 @@ class JobSummary:
     chunks: int = 0
     seconds: float = 0.0
     peak_actor_rss_mb: float = 0.0
-    # Until the first chunk came back: planning, probing, actor start and model load, one chunk's work.
-    first_chunk_s: float = 0.0
+    # From the job's start until the first actor had its model loaded: input listing, planning, probing,
+    # Ray Data and actor start-up, model load. The fixed cost of a run, whatever the corpus size.
+    startup_s: float = 0.0
     actor_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ACTOR_STAGES, 0.0))
     rows: list[dict] = field(default_factory=list)
 
@@ -193,7 +194,8 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
         summary.chunks += 1
         summary.frames += chunk.frames
         summary.peak_actor_rss_mb = max(summary.peak_actor_rss_mb, chunk.peak_rss_mb)
-        summary.first_chunk_s = summary.first_chunk_s or time.perf_counter() - t0
+        ready_s = chunk.actor_ready_at - started.timestamp()
+        summary.startup_s = min(summary.startup_s, ready_s) if summary.startup_s else ready_s
         for stage in ACTOR_STAGES:
             summary.actor_s[stage] += getattr(chunk, stage)
         if chunk.status == "failed":
@@ -299,7 +301,7 @@ def _print_summary(s: JobSummary, log: Callable[[str], None]) -> None:
         share = {stage: 100 * s.actor_s[stage] / busy for stage in ACTOR_STAGES}
         log(f"[segment] actors busy {busy:.1f}s: model {share['model_s']:.0f}%, waiting on decode "
             f"{share['decode_wait_s']:.0f}%, masks and metrics {share['rows_s']:.0f}%, Parquet writes "
-            f"{share['write_s']:.0f}%; first chunk back after {s.first_chunk_s:.1f}s")
+            f"{share['write_s']:.0f}%; first actor ready after {s.startup_s:.1f}s")
 
 
 def _write_manifest(layout: OutputLayout, config: SegmentJobConfig, s: JobSummary, digest: str,
@@ -320,7 +322,7 @@ def _write_manifest(layout: OutputLayout, config: SegmentJobConfig, s: JobSummar
         "counts": {"inputs": s.videos, "ok": s.ok, "empty": s.empty, "failed": s.failed, "skipped": s.skipped,
                    "chunks": s.chunks, "frames": s.frames},
         "timings": {"seconds": s.seconds, "frames_per_second": s.frames_per_second,
-                    "first_chunk_s": s.first_chunk_s, "actor_s": s.actor_s},
+                    "startup_s": s.startup_s, "actor_s": s.actor_s},
         "peak_actor_rss_mb": s.peak_actor_rss_mb,
     }
     stamp = started.strftime("%Y%m%dT%H%M%S%fZ")
