@@ -22,7 +22,7 @@ from PIL import Image
 from dcfm import storage
 from dcfm.checkpoint import ModelCard, read_card, save_checkpoint
 from dcfm.inference import KeyframePolicy
-from dcfm.jobcli import ExitCode
+from dcfm.jobcli import ExitCode, SettingsConflict
 from dcfm.model import DCFM, DCFMConfig
 from dcfm.schemas import output_schema
 from dcfm.segment.config import SegmentJobConfig
@@ -197,7 +197,7 @@ def test_overwrite_replaces(clean_run, corpus, checkpoint) -> None:
 def test_resuming_with_other_settings_is_refused(clean_run, corpus, checkpoint) -> None:
     out, _ = clean_run
     before = listing(out)
-    with pytest.raises(ValueError, match="another model or settings"):
+    with pytest.raises(SettingsConflict, match="another model or settings"):
         run_segment_job(job(corpus.values(), out, checkpoint, keyframes=KeyframePolicy(interval=3)))
     assert listing(out) == before
 

@@ -1,5 +1,7 @@
 """Chunk planning and the job's configuration rules (no Ray needed)."""
 
+import subprocess
+import sys
 from fractions import Fraction
 
 import pytest
@@ -63,7 +65,8 @@ def test_lead_in_reaches_back_to_the_previous_keyframe() -> None:
 
 def test_run_id_depends_on_what_decides_rows_only() -> None:
     base = SegmentJobConfig(["a.mp4"], "out", "ckpt")
-    same = SegmentJobConfig(["b.mp4", "c.mp4"], "s3://elsewhere", "ckpt2", chunk_frames=7, max_actors=3)
+    same = SegmentJobConfig(["b.mp4", "c.mp4"], "s3://elsewhere", "ckpt2", chunk_frames=7, max_actors=3,
+                            probe_concurrency=16)
     other_k = SegmentJobConfig(["a.mp4"], "out", "ckpt", keyframes=KeyframePolicy(interval=3))
     assert base.run_id("d", (64, 128)) == same.run_id("d", (64, 128))
     assert base.run_id("d", (64, 128)) != other_k.run_id("d", (64, 128))
@@ -76,8 +79,17 @@ def test_bad_configuration_is_rejected() -> None:
         SegmentJobConfig([], "out", "ckpt")
     with pytest.raises(ValueError, match="--actors"):
         SegmentJobConfig(["a"], "out", "ckpt", min_actors=3, max_actors=2)
+    with pytest.raises(ValueError, match="--probe-concurrency"):
+        SegmentJobConfig(["a"], "out", "ckpt", probe_concurrency=0)
 
 
 def test_credentials_never_reach_logs() -> None:
     assert redact("s3://AKIA:secret@bucket/key.mp4") == "s3://bucket/key.mp4"
     assert redact("/data/x.mp4") == "/data/x.mp4"
+
+
+def test_planning_does_not_import_torch() -> None:
+    """Probe tasks run in fresh Ray worker processes, one per concurrent probe: importing torch there
+    costs seconds of CPU each, taken from the actors on a small node."""
+    code = "import sys, dcfm.segment.plan; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -11,7 +11,7 @@ EPILOG = """\
 exit status:
   0  every input was segmented (or was already committed) with status ok or empty
   1  the job finished but some inputs failed; their rows are in OUTPUT/errors/ and OUTPUT/videos/
-  2  bad command line
+  2  bad command line, or settings that differ from the run already committed in OUTPUT
   3  the job itself failed (cluster, checkpoint, output not writable); rerun the same command to resume
 
 Rerunning a command resumes: committed videos are skipped and nothing is rewritten. S3 credentials and
@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="actor pool size; autoscales between MIN and MAX (default 1)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (1 on a GPU cluster)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor (also its torch threads)")
+    p.add_argument("--probe-concurrency", type=positive_int, default=4, metavar="N",
+                   help="videos probed at once, ahead of the actors (default 4)")
     p.add_argument("--device", default="auto", help="auto (CUDA if the actor has a GPU), cpu or cuda")
     p.add_argument("--overwrite", action="store_true", help="redo committed videos")
     p.add_argument("--retry-failed", action="store_true", help="redo videos committed as failed")
@@ -73,6 +75,7 @@ def config_from_args(args: argparse.Namespace):
         max_actors=args.actors[1],
         gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor,
+        probe_concurrency=args.probe_concurrency,
         device=args.device,
         overwrite=args.overwrite,
         retry_failed=args.retry_failed,

@@ -38,6 +38,9 @@ class SegmentJobConfig:
     dry_run: bool = False
     ray_address: str | None = None
     progress_interval_s: float = 10.0
+    # Videos probed at once. Probing reads every packet header (the whole file, from object storage), so a
+    # few parallel probes keep many GPUs fed; each is a Ray worker process, so it is bounded.
+    probe_concurrency: int = 4
 
     def __post_init__(self) -> None:
         self.mode = ReuseMode(self.mode)
@@ -48,6 +51,8 @@ class SegmentJobConfig:
             raise ValueError(f"--chunk-frames must be >= 1, got {self.chunk_frames}")
         if not 1 <= self.min_actors <= self.max_actors:
             raise ValueError(f"--actors needs 1 <= MIN <= MAX, got {self.min_actors},{self.max_actors}")
+        if self.probe_concurrency < 1:
+            raise ValueError(f"--probe-concurrency must be >= 1, got {self.probe_concurrency}")
 
     @property
     def aligned_chunk_frames(self) -> int:

@@ -14,31 +14,17 @@ from urllib.parse import urlsplit, urlunsplit
 
 from dcfm import storage
 from dcfm.checkpoint import read_card
-from dcfm.decode import VideoError, probe_video
+from dcfm.decode import probe_video
 from dcfm.segment.actor import ActorSettings, ChunkSegmenter, ChunkSummary
-from dcfm.jobcli import ExitCode
+from dcfm.jobcli import ExitCode, SettingsConflict
 from dcfm.segment.config import SegmentJobConfig
 from dcfm.segment.outputs import OutputLayout
-from dcfm.segment.plan import ChunkTask, TaskError, lead_in_frames, plan_tasks
+from dcfm.segment.plan import lead_in_frames, plan_tasks, plan_video
 from dcfm.sources import InputItem, expand_inputs
 
 # ChunkSummary's timing fields, summed over chunks: where the actors' time went.
 ACTOR_STAGES = ("seconds", "model_s", "decode_wait_s", "rows_s", "write_s")
 PACKAGES = ("dcfm", "torch", "timm", "ray", "pyarrow", "av", "numpy", "s3fs")
-
-
-def plan_video(row: dict, chunk_frames: int, lead_in: int) -> list[dict]:
-    """Ray Data flat_map: probe one input and emit its chunk tasks (or one failed pass-through task)."""
-    video_id, uri = str(row["video_id"]), str(row["uri"])
-    try:
-        probe = probe_video(uri)
-        tasks = plan_tasks(video_id, uri, probe, chunk_frames, lead_in)
-    except VideoError as err:
-        tasks = [ChunkTask(video_id, uri, -1, 1, error=TaskError(err.stage, type(err).__name__, str(err)))]
-    except Exception as err:  # an unexpected probe failure is still this input's failure alone
-        message = f"{uri}: {type(err).__name__}: {err}"
-        tasks = [ChunkTask(video_id, uri, -1, 1, error=TaskError("probe", type(err).__name__, message))]
-    return [{"video_id": video_id, "task": t.to_json()} for t in tasks]
 
 
 def redact(uri: str) -> str:
@@ -156,7 +142,7 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
     summary = JobSummary(run_id=run_id, videos=len(items))
     foreign = sorted({m["run_id"] for m in committed.values() if m["run_id"] != run_id})
     if foreign and not config.overwrite:
-        raise ValueError(
+        raise SettingsConflict(
             f"{redact(config.output)} holds videos committed by run(s) {foreign} with another model or settings "
             f"(this command is run {run_id}); resuming would mix them. Use a new --output, or --overwrite."
         )
@@ -217,7 +203,7 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
 
 def _pipeline(todo: list[InputItem], config: SegmentJobConfig, settings: ActorSettings):
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     if not ray.is_initialized():
         ray.init(address=config.ray_address, log_to_driver=True)
@@ -228,9 +214,10 @@ def _pipeline(todo: list[InputItem], config: SegmentJobConfig, settings: ActorSe
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
         # Probing reserves no CPU: it is mostly I/O, and the actor pool may hold every CPU of a small
-        # cluster, which would otherwise leave the planner unschedulable and the pipeline stalled.
+        # cluster, which would otherwise leave the planner unschedulable and the pipeline stalled. Without
+        # a CPU to bound them, Ray would start a worker process per video at once: cap them.
         .flat_map(plan_video, fn_kwargs={"chunk_frames": config.aligned_chunk_frames, "lead_in": lead_in},
-                  num_cpus=0)
+                  num_cpus=0, compute=TaskPoolStrategy(size=config.probe_concurrency))
         .map_batches(
             ChunkSegmenter,
             fn_constructor_kwargs={"settings": settings},
@@ -269,7 +256,7 @@ def _print_plan(todo: list[InputItem], config: SegmentJobConfig, log: Callable[[
         except Exception as err:  # the plan reports bad inputs instead of stopping
             return item, None, err
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    with ThreadPoolExecutor(max_workers=config.probe_concurrency) as pool:
         for item, probe_result, err in pool.map(probe, todo):
             if err is not None:
                 log(f"| {item.video_id} | {redact(item.uri)} | unreadable: {err} | | | |")

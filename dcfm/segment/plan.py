@@ -16,11 +16,14 @@ Tasks travel through Ray Data as JSON strings: flat, schema-free rows that Arrow
 from __future__ import annotations
 
 import json
-from fractions import Fraction
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from typing import TYPE_CHECKING
 
-from dcfm.decode import VideoProbe
-from dcfm.inference import KeyframePolicy
+from dcfm.decode import VideoError, VideoProbe, probe_video
+
+if TYPE_CHECKING:  # planning runs in Ray tasks that must start fast: no torch here
+    from dcfm.inference import KeyframePolicy
 
 
 @dataclass
@@ -122,3 +125,17 @@ def plan_tasks(video_id: str, uri: str, probe: VideoProbe, chunk_frames: int, le
             time_base=time_base, probe=info,
         ))
     return tasks
+
+
+def plan_video(row: dict, chunk_frames: int, lead_in: int) -> list[dict]:
+    """Ray Data flat_map: probe one input and emit its chunk tasks (or one failed pass-through task)."""
+    video_id, uri = str(row["video_id"]), str(row["uri"])
+    try:
+        probe = probe_video(uri)
+        tasks = plan_tasks(video_id, uri, probe, chunk_frames, lead_in)
+    except VideoError as err:
+        tasks = [ChunkTask(video_id, uri, -1, 1, error=TaskError(err.stage, type(err).__name__, str(err)))]
+    except Exception as err:  # an unexpected probe failure is still this input's failure alone
+        message = f"{uri}: {type(err).__name__}: {err}"
+        tasks = [ChunkTask(video_id, uri, -1, 1, error=TaskError("probe", type(err).__name__, message))]
+    return [{"video_id": video_id, "task": t.to_json()} for t in tasks]
