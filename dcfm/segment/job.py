@@ -60,8 +60,9 @@ class JobSummary:
     chunks: int = 0
     seconds: float = 0.0
     peak_actor_rss_mb: float = 0.0
-    # From the job's start until the first actor had its model loaded: input listing, planning, probing,
-    # Ray Data and actor start-up, model load. The fixed cost of a run, whatever the corpus size.
+    # From the job's start until the first actor had its model loaded: input listing, starting a local
+    # Ray if none is running, probing, Ray Data and actor start-up, model load. The fixed cost of a run,
+    # whatever the corpus size.
     startup_s: float = 0.0
     actor_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ACTOR_STAGES, 0.0))
     rows: list[dict] = field(default_factory=list)
