@@ -15,8 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 from dcfm import storage
 from dcfm.checkpoint import read_card
 from dcfm.decode import probe_video
-from dcfm.segment.actor import ActorSettings, ChunkSegmenter, ChunkSummary
 from dcfm.jobcli import ExitCode, SettingsConflict
+from dcfm.segment.actor import ActorSettings, ChunkSegmenter, ChunkSummary
 from dcfm.segment.config import SegmentJobConfig
 from dcfm.segment.outputs import OutputLayout
 from dcfm.segment.plan import lead_in_frames, plan_tasks, plan_video
