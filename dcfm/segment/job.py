@@ -218,7 +218,7 @@ def _pipeline(todo: list[InputItem], config: SegmentJobConfig, settings: ActorSe
         # cluster, which would otherwise leave the planner unschedulable and the pipeline stalled. Without
         # a CPU to bound them, Ray would start a worker process per video at once: cap them.
         .flat_map(plan_video, fn_kwargs={"chunk_frames": config.aligned_chunk_frames, "lead_in": lead_in},
-                  num_cpus=0, compute=TaskPoolStrategy(size=config.probe_concurrency))
+                  num_cpus=0, compute=TaskPoolStrategy(size=min(config.probe_concurrency, len(items))))
         .map_batches(
             ChunkSegmenter,
             fn_constructor_kwargs={"settings": settings},
