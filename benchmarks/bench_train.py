@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out", type=int, default=3, help="held-out videos (default 3)")
     parser.add_argument("--frames", type=int, default=40, help="frames per video (default 40)")
     parser.add_argument("--motion", type=float, default=2.5,
-                        help="synth world speed, 1 = the default street (default 2.5: at k = 6 objects move 10-40 px "
-                             "between keyframe and frame, so reuse has something to get wrong)")
+                        help="synth world speed, 1 = the default street (default 2.5: at k = 6 and 128x256 objects move 6-33 px "
+                             "between keyframe and frame, 10th-90th percentile, so reuse has something to get wrong)")
     parser.add_argument("--size", type=parse_size, default=(128, 256), help="frame and crop size (default 128x256)")
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per worker per step (default 4)")
