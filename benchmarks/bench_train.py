@@ -94,7 +94,7 @@ def print_gains(rows: dict[str, list[dict]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dcfm.cli import parse_size
+    from dcfm.jobcli import parse_size
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=15.0, help="training budget per model (default 15)")

@@ -15,8 +15,6 @@ from pathlib import Path
 
 from dcfm.jobcli import ExitCode, non_negative_int, parse_size, positive_int
 
-__all__ = ["SUBCOMMANDS", "build_parser", "main", "parse_size"]
-
 
 @dataclass(frozen=True)
 class Subcommand:
