@@ -35,7 +35,7 @@ from dcfm.losses import LossWeights
 from dcfm.synth import SynthConfig, generate_corpus
 from dcfm.train.config import TrainJobConfig
 from dcfm.train.job import run_train_job
-from dcfm.training import AugmentConfig, OptimConfig
+from dcfm.train.recipe import AugmentConfig, OptimConfig
 
 
 def corpus(path: Path, videos: int, frames: int, size: tuple[int, int], seed: int, motion: float) -> Path:

@@ -19,6 +19,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from dcfm import storage
+from dcfm.data import IGNORE_INDEX
 from dcfm.model import DCFM, IMAGENET_MEAN, IMAGENET_STD, DCFMConfig
 
 CHECKPOINT_FORMAT = "dcfm-checkpoint/1"
@@ -40,7 +41,7 @@ class ModelCard:
     train_size: tuple[int, int]  # (H, W) the model was trained at; segmentation resizes frames to it
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    ignore_index: int = 255
+    ignore_index: int = IGNORE_INDEX
     metadata: dict[str, Any] = field(default_factory=dict)  # e.g. training step, metrics; JSON values only
 
     def __post_init__(self) -> None:

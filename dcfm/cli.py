@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dcfm.jobcli import ExitCode, non_negative_int, parse_size, positive_int
+from dcfm.errors import ExitCode
+from dcfm.jobcli import non_negative_int, parse_size, positive_int
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from pathlib import Path
 from typing import Literal, cast
 
 import av
@@ -394,3 +395,39 @@ def _emit(uri: str, probe: VideoProbe, start: int, stop: int, size: tuple[int, i
 def _chain(first: av.VideoFrame, rest: Iterable[av.VideoFrame]) -> Iterator[av.VideoFrame]:
     yield first
     yield from rest
+
+
+def iter_frames(path: str | Path) -> Iterator[np.ndarray]:
+    """Yield every frame of the first video stream as RGB uint8 (H, W, 3), in the order the decoder
+    returns them (presentation order); the n-th yielded frame is frame index n everywhere in dcfm."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "SLICE"  # frame threading would only add latency to a sequential read
+        for frame in container.decode(stream):
+            yield frame.to_ndarray(format="rgb24")
+
+
+def read_frames(path: str | Path, indices: Sequence[int]) -> list[np.ndarray]:
+    """Return the frames at the given decode-order indices (in the order requested).
+
+    Decodes sequentially up to the largest index, which is exact (no seeking to keyframes).
+    Raises IndexError if an index is past the end of the video.
+    """
+    wanted = sorted(set(int(i) for i in indices))
+    if not wanted:
+        return []
+    if wanted[0] < 0:
+        raise IndexError(f"negative frame index {wanted[0]}")
+    found: dict[int, np.ndarray] = {}
+    last = wanted[-1]
+    targets = set(wanted)
+    with closing(iter_frames(path)) as frames:  # closes the container when we stop early
+        for i, frame in enumerate(frames):
+            if i in targets:
+                found[i] = frame
+            if i >= last:
+                break
+    missing = [i for i in wanted if i not in found]
+    if missing:
+        raise IndexError(f"{path}: frame(s) {missing} past the end of the video")
+    return [found[int(i)] for i in indices]

@@ -1,7 +1,8 @@
 """`make demo`: from nothing to segmented video in a few minutes on 2 CPU cores.
 
 1. generates a small synthetic labelled video corpus (real H.264 files + label maps);
-2. trains a small DCFM (ResNet-18) briefly with the symmetric-pair loss;
+2. trains a small DCFM (ResNet-18) briefly with the symmetric-pair loss, in the training loop `dcfm train`
+   runs on every Ray Train worker (here in this process, as one worker);
 3. saves the checkpoint (safetensors + model card);
 4. runs the segment job (Ray Data, local Ray) on the held-out videos into OUTPUT/segment (Parquet) and scores
    its masks against the synthetic ground truth;
@@ -12,20 +13,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
 
-import torch
-
-from dcfm.checkpoint import ModelCard, save_checkpoint
-from dcfm.datasets import SynthPairs
+from dcfm.checkpoint import save_checkpoint
+from dcfm.data.synth import synth_videos
 from dcfm.devices import pick_device
-from dcfm.evaluation import evaluate_videos, synth_videos
+from dcfm.evaluate.score import evaluate_videos
 from dcfm.inference import InferenceConfig, KeyframePolicy, ReuseMode
-from dcfm.model import DCFM, DCFMConfig
 from dcfm.synth import SynthConfig, generate_corpus, load_manifest
-from dcfm.training import AugmentConfig, FitConfig, OptimConfig, fit
+from dcfm.train.config import TrainJobConfig
+from dcfm.train.loop import train_locally
+from dcfm.train.recipe import AugmentConfig, OptimConfig
 
 
 def segment_held_out(output: Path, manifest, videos, checkpoint: Path) -> None:
@@ -58,6 +59,16 @@ def segment_held_out(output: Path, manifest, videos, checkpoint: Path) -> None:
           f"ground truth: {confusion.miou():.3f}")
 
 
+def _split_by_hand(root: Path, train_ids: list[str], held_out_ids: list[str]) -> None:
+    """Record the train / held-out split in the corpus manifest ("splits"), so training reads split "train"."""
+    path = root / "manifest.json"
+    data = json.loads(path.read_text())
+    splits = {"train": list(train_ids), "val": list(held_out_ids)}
+    if data.get("splits") != splits:
+        data["splits"] = splits
+        path.write_text(json.dumps(data, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("demo-data"))
@@ -71,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     height, width = (int(v) for v in args.size.split("x"))
     device = pick_device(args.device)
-    torch.manual_seed(0)
 
     t0 = time.perf_counter()
     if not (args.data / "manifest.json").exists():
@@ -79,18 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     manifest = load_manifest(args.data)
     ids = [v.id for v in manifest.videos]
     train_ids, held_out_ids = ids[: -args.held_out], ids[-args.held_out :]
+    _split_by_hand(args.data, train_ids, held_out_ids)
     print(f"[demo] corpus {args.data}: {len(ids)} videos x {args.frames} frames at {height}x{width} "
           f"({time.perf_counter() - t0:.1f}s); training on {len(train_ids)}, evaluating on {held_out_ids}")
 
-    config = DCFMConfig(backbone="resnet18", num_classes=manifest.num_classes)
-    model = DCFM(config)
     t1 = time.perf_counter()
-    fit(
-        model,
-        SynthPairs(args.data, video_ids=train_ids),
-        FitConfig(
-            steps=args.steps,
-            batch_size=4,
+    run = train_locally(
+        TrainJobConfig(
+            data=str(args.data), output=str(args.output / "train"), split="train", backbone="resnet18",
+            steps=args.steps, batch_size=4, checkpoint_every=args.steps, log_every=20,
             augment=AugmentConfig(crop=(height, width), scale=(1.0, 1.5)),
             # From scratch (no pretrained weights can be downloaded here) AdamW converges far faster
             # than the official SGD recipe, which assumes an ImageNet-initialised backbone.
@@ -98,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
         device=device,
     )
+    model = run.model
     print(f"[demo] trained {args.steps} steps in {time.perf_counter() - t1:.0f}s")
-    card = ModelCard(config, list(manifest.classes), list(manifest.palette), train_size=(height, width))
-    digest = save_checkpoint(args.output / "checkpoint", model, card)
+    digest = save_checkpoint(args.output / "checkpoint", model, run.card)
     print(f"[demo] checkpoint {args.output / 'checkpoint'} (sha256 {digest[:12]})")
 
     videos = synth_videos(manifest, held_out_ids)

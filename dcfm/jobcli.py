@@ -1,29 +1,32 @@
-"""Command-line plumbing the jobs share: exit codes, argument types, and one error-handling wrapper,
-so `dcfm segment`, `dcfm train` and `dcfm evaluate` (and their `jobs/*.py` twins) fail the same way."""
+"""Command-line plumbing the jobs share: argument types, config defaults for argparse, and one
+error-handling wrapper, so `dcfm segment`, `dcfm train` and `dcfm evaluate` (and their `jobs/*.py` twins)
+fail the same way (exit codes: dcfm.errors)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import traceback
 from collections.abc import Callable
-from enum import IntEnum
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from dcfm.errors import ExitCode, SettingsConflict
 
 ConfigT = TypeVar("ConfigT")
 
 
-class ExitCode(IntEnum):
-    """Process exit status of every job; documented in each job's --help."""
-
-    OK = 0  # finished; for segment, every input committed with status ok or empty
-    INPUTS_FAILED = 1  # segment only: the job finished, but some inputs failed (see errors/)
-    USAGE = 2  # bad command line, or settings that contradict what --output already holds
-    JOB_FAILED = 3  # the job itself failed (cluster, checkpoint, data, storage); rerunning resumes
-
-
-class SettingsConflict(ValueError):
-    """The command contradicts the run already recorded in its output; the fix is a new --output."""
+def config_default(config: type, name: str) -> Any:
+    """The default of field ``name`` of the config dataclass ``config``. The configs are the one place defaults
+    are written; argparse takes them from here, and help texts show them with ``%(default)s``."""
+    for f in dataclasses.fields(config):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise ValueError(f"{config.__name__}.{name} has no default")
+    raise ValueError(f"{config.__name__} has no field {name!r}")
 
 
 def positive_int(text: str) -> int:
@@ -57,17 +60,26 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def add_reuse_arguments(p: argparse.ArgumentParser) -> None:
+def add_reuse_arguments(p: argparse.ArgumentParser, mode_default: str) -> None:
     """The keyframe schedule and reuse mode options, the same for `segment` and `evaluate`."""
-    p.add_argument("--keyframe-interval", "-k", type=positive_int, default=2, metavar="K",
-                   help="one keyframe every K frames (default 2, the paper's)")
-    p.add_argument("--mode", choices=["causal", "bidirectional"], default="bidirectional",
-                   help="reuse the previous keyframe only, or sum previous and next (default)")
+    from dcfm.inference import KeyframePolicy
+
+    def default(name: str) -> Any:
+        value = config_default(KeyframePolicy, name)
+        return getattr(value, "value", value)  # an enum's command-line spelling
+
+    p.add_argument("--keyframe-interval", "-k", type=positive_int, default=default("interval"), metavar="K",
+                   help="one keyframe every K frames (default %(default)s, the paper's)")
+    p.add_argument("--mode", choices=["causal", "bidirectional"], default=mode_default,
+                   help="reuse the previous keyframe only, or sum previous and next (default %(default)s)")
     p.add_argument("--adaptive", action="store_true", help="adaptive keyframe scheduling instead of a fixed K")
-    p.add_argument("--min-interval", type=positive_int, default=1, help="adaptive: minimum keyframe gap")
-    p.add_argument("--max-interval", type=positive_int, default=6, help="adaptive: maximum keyframe gap")
-    p.add_argument("--threshold", type=float, default=0.1, help="adaptive: distance that triggers a keyframe")
-    p.add_argument("--score", choices=["rgb", "feature"], default="rgb",
+    p.add_argument("--min-interval", type=positive_int, default=default("min_interval"),
+                   help="adaptive: minimum keyframe gap")
+    p.add_argument("--max-interval", type=positive_int, default=default("max_interval"),
+                   help="adaptive: maximum keyframe gap")
+    p.add_argument("--threshold", type=float, default=default("threshold"),
+                   help="adaptive: distance that triggers a keyframe")
+    p.add_argument("--score", choices=["rgb", "feature"], default=default("score"),
                    help="adaptive: mean |dRGB| (the authors') or shallow-feature cosine distance (TFC-style)")
 
 

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dcfm.data import IGNORE_INDEX
 from dcfm.model import PairOutput, upsample_logits
-
-IGNORE_INDEX = 255
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-IGNORE_INDEX = 255
+from dcfm.data import IGNORE_INDEX
 
 # Pixels handled per chunk in VC: bounds the (frames x pixels) int32 cumsum.
 _VC_CHUNK_ELEMENTS = 1 << 24

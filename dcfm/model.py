@@ -11,7 +11,7 @@ Logits are returned at feature resolution; ``upsample_logits`` brings them to a 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -65,7 +65,6 @@ class PairOutput:
     labeled_fused: torch.Tensor  # F_L, eq. (10)
     neighbour_fused: torch.Tensor  # F_U
     neighbour_logits: torch.Tensor  # Dec(F_U), only used to build the consistency mask
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -17,6 +18,15 @@ from fsspec.implementations.local import LocalFileSystem
 def filesystem(uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and the in-filesystem path of ``uri``."""
     return fsspec.core.url_to_fs(str(uri))
+
+
+def redact(uri: str) -> str:
+    """Drop any user:password@ from a URI before it is logged or written."""
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+    return uri
 
 
 def join(uri: str | os.PathLike, *parts: str) -> str:

@@ -24,12 +24,12 @@ import numpy as np
 from PIL import Image
 
 from dcfm import synth_world as world
-from dcfm.video import write_video
+from dcfm.data import IGNORE_INDEX
+from dcfm.encode import write_video
 
 FORMAT = "dcfm-synth/1"
 CLASSES: tuple[str, ...] = world.CLASSES
 PALETTE: tuple[tuple[int, int, int], ...] = world.PALETTE
-IGNORE_INDEX = 255
 
 
 @dataclass
@@ -154,7 +154,7 @@ def generate_corpus(out_dir: Path, config: SynthConfig) -> Path:
 
     Layout: videos/<id>.mp4, labels/<id>/<frame:06d>.png, manifest.json (written last, so a
     directory with a manifest is complete). Same config, same bytes, when the width is a multiple
-    of 32 (see dcfm.video.write_video); at other widths the same labels, and videos that may differ
+    of 32 (see dcfm.encode.write_video); at other widths the same labels, and videos that may differ
     in encoder decisions.
     """
     out_dir = Path(out_dir)

@@ -9,20 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dcfm.datasets import (
-    CITYSCAPES_CLASSES,
-    LAYOUTS,
-    VSPW_CLASSES,
-    CamVidPairs,
-    CityscapesSequencePairs,
-    PairDataset,
-    PairRef,
-    PairSample,
-    SynthPairs,
-    VSPWPairs,
-    detect_layout,
-    open_pair_dataset,
-)
+from dcfm.data import LAYOUTS, detect_layout, open_pair_dataset
+from dcfm.data.base import PairDataset, PairRef, PairSample
+from dcfm.data.camvid import CamVidPairs
+from dcfm.data.cityscapes import CITYSCAPES_CLASSES, CityscapesSequencePairs
+from dcfm.data.synth import SynthPairs
+from dcfm.data.vspw import VSPW_CLASSES, VSPWPairs
 
 H, W = 32, 64
 
@@ -183,7 +175,7 @@ def test_camvid_missing_neighbour_is_named(tmp_path: Path) -> None:
         ds[0]
 
 
-# --- synth (needs dcfm.synth / dcfm.video, written separately) ---------------------------------------------
+# --- synth (needs dcfm.synth / dcfm.decode, written separately) ---------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +188,7 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_synth_pairs_decode_the_right_frames(synth_root: Path) -> None:
-    from dcfm.video import read_frames
+    from dcfm.decode import read_frames
 
     ds = SynthPairs(synth_root, delta=2)
     refs = [(r.video_id, r.labeled_index, r.neighbour_index) for r in ds.refs]
@@ -224,7 +216,7 @@ def test_synth_manifest_splits_select_videos(synth_root: Path, tmp_path: Path) -
     import json
     import shutil
 
-    from dcfm.evaluate.clips import open_clips
+    from dcfm.data import open_clips
 
     root = tmp_path / "split"
     shutil.copytree(synth_root, root)

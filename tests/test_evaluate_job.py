@@ -10,20 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dcfm import storage
 from dcfm.checkpoint import ModelCard, save_checkpoint
 from dcfm.cli import main
-from dcfm.datasets import SynthPairs
-from dcfm.evaluate.clips import open_clips
+from dcfm.data import open_clips
 from dcfm.evaluate.config import EvaluateJobConfig
 from dcfm.evaluate.job import mask_uri, run_evaluate_job
 from dcfm.inference import KeyframePolicy
 from dcfm.model import DCFM, DCFMConfig
 from dcfm.synth import SynthConfig, generate_corpus, load_manifest
-from dcfm.training import AugmentConfig, FitConfig, OptimConfig, fit
+from dcfm.train.config import TrainJobConfig
+from dcfm.train.loop import train_locally
+from dcfm.train.recipe import AugmentConfig, OptimConfig
 from tests.test_datasets import make_camvid, make_cityscapes, make_vspw
 
 H, W, FRAMES = 32, 64, 18
@@ -39,16 +39,11 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(corpus: Path, tmp_path_factory) -> Path:
     """A briefly trained model, so predictions hold several classes and change between frames."""
-    manifest = load_manifest(corpus)
-    torch.manual_seed(0)
-    config = DCFMConfig("pvt_v2_b0", num_classes=manifest.num_classes)
-    model = DCFM(config)
-    fit(model, SynthPairs(corpus), FitConfig(steps=12, batch_size=2, augment=AugmentConfig(crop=(H, W)),
-                                             optim=OptimConfig(name="adamw", lr=2e-3, decoder_lr_mult=1.0),
-                                             loader_workers=0), log=None)
-    path = tmp_path_factory.mktemp("ckpt") / "model"
-    save_checkpoint(path, model, ModelCard(config, list(manifest.classes), list(manifest.palette), (H, W)))
-    return path
+    output = tmp_path_factory.mktemp("ckpt") / "run"
+    train_locally(TrainJobConfig(data=str(corpus), output=str(output), backbone="pvt_v2_b0", steps=12, batch_size=2,
+                                 augment=AugmentConfig(crop=(H, W)), checkpoint_every=12,
+                                 optim=OptimConfig(name="adamw", lr=2e-3, decoder_lr_mult=1.0)), device="cpu")
+    return output / "checkpoint_000012"  # a training checkpoint is a model checkpoint too
 
 
 def read_png(uri: str) -> np.ndarray:

@@ -7,7 +7,8 @@ import argparse
 import pytest
 
 from dcfm.checkpoint import CheckpointError
-from dcfm.jobcli import ExitCode, SettingsConflict, non_negative_int, parse_size, positive_int, run_job
+from dcfm.errors import ExitCode, SettingsConflict
+from dcfm.jobcli import non_negative_int, parse_size, positive_int, run_job
 from dcfm.train.config import RunMismatchError
 
 ARGS = argparse.Namespace(value=1)

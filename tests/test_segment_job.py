@@ -22,7 +22,7 @@ from PIL import Image
 from dcfm import storage
 from dcfm.checkpoint import ModelCard, read_card, save_checkpoint
 from dcfm.inference import KeyframePolicy
-from dcfm.jobcli import ExitCode, SettingsConflict
+from dcfm.errors import ExitCode, SettingsConflict
 from dcfm.model import DCFM, DCFMConfig
 from dcfm.schemas import output_schema
 from dcfm.segment.config import SegmentJobConfig

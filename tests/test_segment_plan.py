@@ -9,7 +9,7 @@ import pytest
 from dcfm.decode import VideoProbe
 from dcfm.inference import KeyframePolicy
 from dcfm.segment.config import SegmentJobConfig
-from dcfm.segment.job import redact
+from dcfm.storage import redact
 from dcfm.segment.plan import ChunkTask, chunk_bounds, lead_in_frames, plan_tasks
 
 

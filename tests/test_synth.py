@@ -13,7 +13,8 @@ from PIL import Image
 from dcfm import synth_world
 from dcfm.cli import main
 from dcfm.synth import CLASSES, SynthConfig, generate_corpus, labeled_frame_indices, load_manifest, render_video
-from dcfm.video import iter_frames, read_frames, write_video
+from dcfm.decode import iter_frames, read_frames
+from dcfm.encode import write_video
 
 CFG = SynthConfig(videos=3, frames=8, height=64, width=128, seed=3)
 

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from dcfm import storage
 from dcfm.checkpoint import ModelCard, load_checkpoint
-from dcfm.datasets import stage_dataset
+from dcfm.data.staging import stage_dataset
 from dcfm.losses import LossWeights
 from dcfm.model import DCFM, DCFMConfig
 from dcfm.synth import SynthConfig, generate_corpus
@@ -26,7 +26,7 @@ from dcfm.train.job import RECORD_FILE, run_train_job
 from dcfm.train.state import (TrainState, load_optimizer_tensors, read_train_state, restore_optimizer,
                               save_training_checkpoint)
 from dcfm.train.syncbn import GlooSyncBatchNorm, convert_sync_batchnorm
-from dcfm.training import AugmentConfig, OptimConfig, PairBatch, build_optimizer, train_step
+from dcfm.train.recipe import AugmentConfig, OptimConfig, PairBatch, build_optimizer, train_step
 from tests.test_datasets import make_camvid, make_cityscapes, make_vspw
 
 H, W = 32, 64

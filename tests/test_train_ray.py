@@ -10,13 +10,13 @@ import pytest
 
 from dcfm import storage
 from dcfm.checkpoint import load_checkpoint, read_card
-from dcfm.jobcli import ExitCode
+from dcfm.errors import ExitCode
 from dcfm.segment.config import SegmentJobConfig
 from dcfm.segment.job import run_segment_job
 from dcfm.synth import SynthConfig, generate_corpus
 from dcfm.train.config import TrainJobConfig
 from dcfm.train.job import RECORD_FILE, checkpoint_steps, run_train_job
-from dcfm.training import AugmentConfig, OptimConfig
+from dcfm.train.recipe import AugmentConfig, OptimConfig
 from tests.s3server import s3_bucket
 
 pytestmark = pytest.mark.slow

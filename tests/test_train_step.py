@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from dcfm.datasets import PairDataset, PairRef, PairSample
+from dcfm.data.base import PairDataset, PairRef, PairSample
 from dcfm.losses import LossWeights, segmentation_ce
 from dcfm.model import DCFM, DCFMConfig
 from dcfm.train.data import PairStream, shard_refs
-from dcfm.training import AugmentConfig, OptimConfig, PairBatch, build_optimizer, train_step
+from dcfm.train.recipe import AugmentConfig, OptimConfig, PairBatch, build_optimizer, train_step
 
 H, W, C = 32, 64, 4
 COLOURS = np.array([[230, 20, 20], [20, 230, 20], [20, 20, 230], [230, 230, 20]], np.uint8)

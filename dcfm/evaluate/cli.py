@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from dcfm.jobcli import add_reuse_arguments, keyframe_policy, parse_size, positive_int, run_job
+from dcfm.jobcli import add_reuse_arguments, config_default, keyframe_policy, parse_size, positive_int, run_job
 
 EPILOG = """\
 outputs (OUTPUT is local or s3://):
@@ -26,23 +26,35 @@ def _resolution(text: str) -> str | tuple[int, int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `dcfm evaluate` (shared with jobs/evaluate.py)."""
+    from dcfm.data import LAYOUTS
+    from dcfm.evaluate.config import EvaluateJobConfig
+
+    def default(name: str):
+        value = config_default(EvaluateJobConfig, name)
+        return getattr(value, "value", value)  # an enum's command-line spelling
+
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
     p.add_argument("--checkpoint", required=True, metavar="URI", help="checkpoint directory (local or s3://)")
     p.add_argument("--data", required=True, metavar="URI",
                    help="labelled clips, local or s3://: a dcfm synth corpus, VSPW, Cityscapes sequences or CamVid")
     p.add_argument("--output", required=True, metavar="URI", help="directory for the reports (local or s3://)")
-    p.add_argument("--layout", choices=["auto", "synth", "cityscapes", "vspw", "camvid"], default="auto")
-    p.add_argument("--split", default="val", help="dataset split (default val; synth corpora without splits: all)")
+    p.add_argument("--layout", choices=["auto", *LAYOUTS], default=default("layout"),
+                   help="dataset layout (default: detect)")
+    p.add_argument("--split", default=default("split"),
+                   help="dataset split (default %(default)s; synth corpora without splits: all)")
     p.add_argument("--videos", default=None, metavar="ID,ID", help="only these clip ids")
-    add_reuse_arguments(p)
+    add_reuse_arguments(p, default("mode"))
     p.add_argument("--sweep", action="store_true",
                    help="score k = 1, 2, 4, 6 in both modes (k = 1 once) and plot accuracy against speed")
     p.add_argument("--resolution", type=_resolution, default=None, metavar="HxW|native",
                    help="model input size (default: the checkpoint's training size; native: the frames' own)")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="frames per model batch (default 8)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--batch-size", type=positive_int, default=default("batch_size"),
+                   help="frames per model batch (default %(default)s)")
+    p.add_argument("--device", default=default("device"),
+                   help="auto (CUDA if available), cpu or cuda (default %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=default("threads"),
+                   help="torch CPU threads (default: torch's)")
     p.add_argument("--save-masks", action="store_true", help="also write every predicted mask as a PNG")
 
 

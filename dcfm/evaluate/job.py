@@ -1,7 +1,9 @@
 """The evaluate job: score a checkpoint on labelled clips under one or several inference settings.
 
 Each clip is decoded (and resized to the model's resolution) once and then run under every setting, so a
-sweep costs one decode per clip. Outputs under ``OUTPUT`` (local or ``s3://``)::
+sweep costs one decode per clip. A video is decoded and resized by the segment job's own decoder, so the
+masks scored are the masks ``dcfm segment`` writes for the same checkpoint, resolution and keyframes.
+Outputs under ``OUTPUT`` (local or ``s3://``)::
 
     OUTPUT/evaluation.json          header + one row per setting (see dcfm.evaluate.report.result_row)
     OUTPUT/evaluation.md            the same as Markdown tables
@@ -24,14 +26,15 @@ from PIL import Image
 
 from dcfm import storage
 from dcfm.checkpoint import load_checkpoint
-from dcfm.datasets import stage_dataset
+from dcfm.data import open_clips
+from dcfm.data.base import LabelledVideo
+from dcfm.data.staging import stage_dataset
 from dcfm.devices import pick_device
-from dcfm.evaluate.clips import open_clips
 from dcfm.evaluate.config import EvaluateJobConfig, Setting
 from dcfm.evaluate.report import CONVENTIONS, accuracy_vs_speed_png, markdown, result_row
-from dcfm.evaluation import LabelledVideo, SettingAccumulator, label_size, read_labels, resize_frames
+from dcfm.evaluate.score import SettingAccumulator, label_size, read_labels
 from dcfm.inference import ClipSegmenter, FrameResult, InferenceConfig
-from dcfm.train.job import redact
+from dcfm.storage import redact
 
 JSON_FILE, MARKDOWN_FILE, PLOT_FILE, MASKS_DIR = "evaluation.json", "evaluation.md", "accuracy_vs_speed.png", "masks"
 
@@ -85,9 +88,9 @@ def run_evaluate_job(config: EvaluateJobConfig, log: Callable[[str], None] = pri
         f"model {card.config.backbone} ({loaded.digest[:12]}) at {size} on {device}")
     t0 = time.perf_counter()
     for i, video in enumerate(clips.videos):
-        frames = list(video.iter_frames())  # decoded and resized once, outside the timed region
-        inputs = resize_frames(frames, resolution)
-        output_size = label_size(video, frames)
+        # Decoded and resized once, outside the timed region; a video exactly as the segment job decodes it.
+        inputs = list(video.iter_frames(resolution))
+        output_size = label_size(video)
         labels = read_labels(video)
         if i == 0 and config.warmup:
             for acc in accumulators:  # first calls allocate and pick kernels; keep that out of the timings
@@ -95,7 +98,7 @@ def run_evaluate_job(config: EvaluateJobConfig, log: Callable[[str], None] = pri
                 list(ClipSegmenter(loaded.model, warm).segment(inputs[: 2 * config.batch_size]))
         for acc in accumulators:
             acc.add(video, inputs, output_size, labels)
-        log(f"[evaluate] clip {i + 1}/{len(clips.videos)} {video.video_id}: {len(frames)} frames "
+        log(f"[evaluate] clip {i + 1}/{len(clips.videos)} {video.video_id}: {len(inputs)} frames "
             f"({time.perf_counter() - t0:.0f}s)")
     rows = [result_row(s, acc.report(clips.classes)) for s, acc in zip(settings, accumulators)]
     header = {

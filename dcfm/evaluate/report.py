@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from dcfm.evaluate.config import Setting
-from dcfm.evaluation import EvaluationReport
+from dcfm.evaluate.score import EvaluationReport
 
 CONVENTIONS = {
     "miou": "confusion matrix over every labelled frame of every clip; classes absent from both ground truth "

@@ -11,7 +11,7 @@ def __getattr__(name: str) -> Any:
     # Lazy, because Ray's planning tasks import dcfm.segment.plan, and with it this package: they must
     # not pay for importing torch.
     if name == "ExitCode":
-        from dcfm.jobcli import ExitCode
+        from dcfm.errors import ExitCode
 
         return ExitCode
     if name in ("MaskResolution", "SegmentJobConfig"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from dcfm.jobcli import add_reuse_arguments, keyframe_policy, parse_size, positive_int, run_job
+from dcfm.jobcli import add_reuse_arguments, config_default, keyframe_policy, parse_size, positive_int, run_job
 
 EPILOG = """\
 exit status:
@@ -31,27 +31,38 @@ def _actors(text: str) -> tuple[int, int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from dcfm.segment.config import SegmentJobConfig
+
+    def default(name: str):
+        value = config_default(SegmentJobConfig, name)
+        return getattr(value, "value", value)  # an enum's command-line spelling
+
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="video files, directories, globs, s3:// prefixes, or a manifest (.txt, or .parquet with a uri column)")
     p.add_argument("--output", required=True, metavar="URI", help="local directory or s3:// prefix for the outputs")
     p.add_argument("--checkpoint", required=True, metavar="URI", help="checkpoint directory (local or s3://)")
-    add_reuse_arguments(p)
-    p.add_argument("--chunk-frames", type=positive_int, default=256,
-                   help="frames per chunk, rounded up to a multiple of K (default 256)")
+    add_reuse_arguments(p, default("mode"))
+    p.add_argument("--chunk-frames", type=positive_int, default=default("chunk_frames"),
+                   help="frames per chunk, rounded up to a multiple of K (default %(default)s)")
     p.add_argument("--resolution", type=parse_size, metavar="HxW",
                    help="resolution the model runs at (default: the checkpoint's training size)")
-    p.add_argument("--mask-resolution", choices=["source", "model"], default="source",
-                   help="write masks at the video's resolution (default) or the model's")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="frames per model batch within a chunk")
-    p.add_argument("--actors", type=_actors, default=(1, 1), metavar="MIN[,MAX]",
-                   help="actor pool size; autoscales between MIN and MAX (default 1)")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (1 on a GPU cluster)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor (also its torch threads)")
-    p.add_argument("--probe-concurrency", type=positive_int, default=4, metavar="N",
-                   help="videos probed at once, ahead of the actors (default 4)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if the actor has a GPU), cpu or cuda")
+    p.add_argument("--mask-resolution", choices=["source", "model"], default=default("mask_resolution"),
+                   help="write masks at the video's resolution (source) or the model's (default %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=default("batch_size"),
+                   help="frames per model batch within a chunk (default %(default)s)")
+    p.add_argument("--actors", type=_actors, default=(default("min_actors"), default("max_actors")),
+                   metavar="MIN[,MAX]", help="actor pool size; autoscales between MIN and MAX (default "
+                   f"{default('min_actors')},{default('max_actors')})")
+    p.add_argument("--gpus-per-actor", type=float, default=default("gpus_per_actor"),
+                   help="GPUs per actor (1 on a GPU cluster; default %(default)s)")
+    p.add_argument("--cpus-per-actor", type=float, default=default("cpus_per_actor"),
+                   help="CPUs per actor (also its torch threads; default %(default)s)")
+    p.add_argument("--probe-concurrency", type=positive_int, default=default("probe_concurrency"), metavar="N",
+                   help="videos probed at once, ahead of the actors (default %(default)s)")
+    p.add_argument("--device", default=default("device"),
+                   help="auto (CUDA if the actor has a GPU), cpu or cuda (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="redo committed videos")
     p.add_argument("--retry-failed", action="store_true", help="redo videos committed as failed")
     p.add_argument("--dry-run", action="store_true", help="print the plan (videos, chunks, frames) and stop")

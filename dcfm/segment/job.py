@@ -10,30 +10,21 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
-from urllib.parse import urlsplit, urlunsplit
 
 from dcfm import storage
 from dcfm.checkpoint import read_card
 from dcfm.decode import probe_video
-from dcfm.jobcli import ExitCode, SettingsConflict
+from dcfm.errors import ExitCode, SettingsConflict
 from dcfm.segment.actor import ActorSettings, ChunkSegmenter, ChunkSummary
 from dcfm.segment.config import SegmentJobConfig
 from dcfm.segment.outputs import OutputLayout
 from dcfm.segment.plan import lead_in_frames, plan_tasks, plan_video
 from dcfm.sources import InputItem, expand_inputs
+from dcfm.storage import redact
 
 # ChunkSummary's timing fields, summed over chunks: where the actors' time went.
 ACTOR_STAGES = ("seconds", "model_s", "decode_wait_s", "rows_s", "write_s")
 PACKAGES = ("dcfm", "torch", "timm", "ray", "pyarrow", "av", "numpy", "s3fs")
-
-
-def redact(uri: str) -> str:
-    """Drop any user:password@ from a URI before it is logged or written."""
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        return urlunsplit((parts.scheme, host + (f":{parts.port}" if parts.port else ""), parts.path, parts.query, ""))
-    return uri
 
 
 @dataclass

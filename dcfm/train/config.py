@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from dcfm.datasets import LAYOUTS
-from dcfm.jobcli import SettingsConflict
+from dcfm.data import LAYOUTS
+from dcfm.errors import SettingsConflict
 from dcfm.losses import LossWeights
-from dcfm.training import AugmentConfig, OptimConfig
+from dcfm.train.recipe import AugmentConfig, OptimConfig
 
 # Fields that say how a run executes, not what it learns: a rerun may change them and still resume.
 EXECUTION_FIELDS = (
@@ -67,6 +67,8 @@ class TrainJobConfig:
             raise ValueError(f"need 1 <= --delta <= --max-delta, got {self.delta} and {self.max_delta}")
         if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
             raise ValueError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
+        if self.optim.warmup_steps is None:  # the recipe's warm-up depends on the run's length: fixed here
+            self.optim.warmup_steps = self.optim.resolved(self.backbone, self.steps).warmup_steps
         self.data = _absolute(self.data)
         self.output = _absolute(self.output).rstrip("/")
         storage_path, name = self.storage_path_and_name

@@ -8,8 +8,10 @@ from typing import TypeVar
 
 import numpy as np
 
-from dcfm.datasets import PairDataset, PairRef, detect_layout, open_pair_dataset, stage_dataset
-from dcfm.training import AugmentConfig, PairAugment, PairBatch
+from dcfm.data import detect_layout, open_pair_dataset
+from dcfm.data.base import PairDataset, PairRef
+from dcfm.data.staging import stage_dataset
+from dcfm.train.recipe import AugmentConfig, PairAugment, PairBatch
 
 Candidates = tuple[PairRef, ...]  # one labelled frame paired with each allowed neighbour distance
 T = TypeVar("T")

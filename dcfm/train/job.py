@@ -21,13 +21,13 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
 
 from dcfm import storage
 from dcfm.checkpoint import CARD_FILE, WEIGHTS_FILE
+from dcfm.storage import redact
 from dcfm.train.config import RunMismatchError, TrainJobConfig, settings_difference
+from dcfm.train.loop import CHECKPOINT_PREFIX, train_loop_per_worker
 from dcfm.train.state import STATE_JSON
-from dcfm.train.worker import CHECKPOINT_PREFIX, train_loop_per_worker
 
 RECORD_FILE = "dcfm-train.json"
 RECORD_FORMAT = "dcfm-train-run/1"
@@ -57,15 +57,6 @@ class TrainSummary:
     def pairs_per_second(self) -> float:
         rates = [row["pairs_per_s"] for row in self.history if math.isfinite(row.get("pairs_per_s", math.nan))]
         return sum(rates) / len(rates) if rates else math.nan
-
-
-def redact(uri: str) -> str:
-    """Drop any user:password@ from a URI before it is logged or written."""
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-    return uri
 
 
 def read_record(output: str) -> dict | None:
@@ -107,7 +98,10 @@ def _check_same_run(config: TrainJobConfig, record: dict | None) -> None:
     if record.get("format") != RECORD_FORMAT:
         raise RunMismatchError(f"{storage.join(config.output, RECORD_FILE)}: format {record.get('format')!r}, "
                                f"expected {RECORD_FORMAT!r}; use another --output")
-    diff = settings_difference(record["settings"], config.run_settings())
+    recorded = record["settings"]
+    if recorded.get("optim", {}).get("extra") == {}:  # a field runs recorded before it was removed still carry
+        recorded = {**recorded, "optim": {k: v for k, v in recorded["optim"].items() if k != "extra"}}
+    diff = settings_difference(recorded, config.run_settings())
     if diff:
         raise RunMismatchError(
             f"{redact(config.output)} holds a run with other settings ({'; '.join(diff)}); resuming it with these "

@@ -1,28 +1,13 @@
-"""Small PyAV helpers: sequential RGB decode and byte-deterministic H.264 encode.
-
-Chunked, frame-accurate decoding by URI (probe_video / decode_range / VideoError) lives in dcfm.decode
-and is re-exported here.
-"""
+"""Byte-deterministic H.264 encoding of RGB frames (what ``dcfm synth`` writes; decoding is dcfm.decode)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import closing
+from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
-
-from dcfm.decode import (  # noqa: F401  (re-exported)
-    DecodedFrame,
-    VideoError,
-    VideoProbe,
-    decode_range,
-    frame_to_rgb,
-    open_input,
-    probe_video,
-)
 
 # x264 is deterministic for a fixed build when it runs single-threaded (sliced/frame threads
 # reorder rate-control decisions), and the muxer stops writing version strings and wall-clock
@@ -35,42 +20,6 @@ _X264_OPTIONS = {
     "threads": "1",
     "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0:non-deterministic=0",
 }
-
-
-def iter_frames(path: str | Path) -> Iterator[np.ndarray]:
-    """Yield every frame of the first video stream as RGB uint8 (H, W, 3), in the order the decoder
-    returns them (presentation order); the n-th yielded frame is frame index n everywhere in dcfm."""
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "SLICE"  # frame threading would only add latency to a sequential read
-        for frame in container.decode(stream):
-            yield frame.to_ndarray(format="rgb24")
-
-
-def read_frames(path: str | Path, indices: Sequence[int]) -> list[np.ndarray]:
-    """Return the frames at the given decode-order indices (in the order requested).
-
-    Decodes sequentially up to the largest index, which is exact (no seeking to keyframes).
-    Raises IndexError if an index is past the end of the video.
-    """
-    wanted = sorted(set(int(i) for i in indices))
-    if not wanted:
-        return []
-    if wanted[0] < 0:
-        raise IndexError(f"negative frame index {wanted[0]}")
-    found: dict[int, np.ndarray] = {}
-    last = wanted[-1]
-    targets = set(wanted)
-    with closing(iter_frames(path)) as frames:  # closes the container when we stop early
-        for i, frame in enumerate(frames):
-            if i in targets:
-                found[i] = frame
-            if i >= last:
-                break
-    missing = [i for i in wanted if i not in found]
-    if missing:
-        raise IndexError(f"{path}: frame(s) {missing} past the end of the video")
-    return [found[int(i)] for i in indices]
 
 
 def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:

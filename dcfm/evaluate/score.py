@@ -13,64 +13,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from dcfm.data.base import LabelledVideo
 from dcfm.inference import ClipSegmenter, FrameResult, InferenceConfig
 from dcfm.metrics import ConfusionMatrix, SegmentationScores, VideoConsistency, label_change_rate
 from dcfm.model import DCFM
-from dcfm.synth import SynthManifest
-from dcfm.video import iter_frames
-
-
-@dataclass(frozen=True)
-class LabelledVideo:
-    """A clip — a video file, or ``frame_paths`` (image files in order) — plus the label maps of (some of) its
-    frames, keyed by position in the clip; ``label_lut`` maps raw label values to train ids (255 = ignore)."""
-
-    video_id: str
-    path: Path
-    frames: int
-    labels: dict[int, Path]
-    frame_paths: tuple[Path, ...] = ()
-    label_lut: np.ndarray | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def fully_labelled(self) -> bool:
-        return len(self.labels) == self.frames
-
-    def iter_frames(self) -> Iterator[np.ndarray]:
-        """RGB uint8 frames in clip order."""
-        if not self.frame_paths:
-            yield from iter_frames(self.path)
-            return
-        size = None
-        for p in self.frame_paths:
-            with Image.open(p) as image:
-                image = image.convert("RGB")
-                # A stand-in still (CamVid's are half the video's size) is brought to the clip's frame size.
-                size = size or image.size
-                # np.array, not asarray: a writable copy (torch warns when handed a read-only buffer).
-                yield np.array(image if image.size == size else image.resize(size, Image.BILINEAR), dtype=np.uint8)
-
-    def read_label(self, index: int) -> np.ndarray:
-        label = _read_label(self.labels[index])
-        return label if self.label_lut is None else self.label_lut[label]
-
-
-def synth_videos(manifest: SynthManifest, video_ids: Iterable[str] | None = None) -> list[LabelledVideo]:
-    """The videos of a synth corpus (optionally a subset) as LabelledVideo entries."""
-    wanted = set(video_ids) if video_ids is not None else None
-    return [
-        LabelledVideo(v.id, manifest.video_path(v), v.frames, {i: manifest.label_path(v, i) for i in v.labeled_frames})
-        for v in manifest.videos
-        if wanted is None or v.id in wanted
-    ]
 
 
 @dataclass
@@ -157,19 +110,6 @@ class StageTimer:
             owner.__dict__.pop(name, None)  # the class's method shows through again
 
 
-def _read_label(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image)
-
-
-def resize_frames(frames: list[np.ndarray], size: tuple[int, int] | None) -> list[np.ndarray]:
-    """Frames resized (bilinear, antialiased) to ``size`` = (H, W); unchanged when None or already that size."""
-    if size is None:
-        return frames
-    h, w = size
-    return [f if f.shape[:2] == (h, w) else np.array(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in frames]
-
-
 MaskSink = Callable[[LabelledVideo, FrameResult], None]
 
 
@@ -253,14 +193,14 @@ def evaluate_videos(
 ) -> EvaluationReport:
     """Segment every frame of every video and score against its labels (ignore index 255).
 
-    ``resolution`` (H, W): run the model on frames resized to it, predictions upsampled to the label size.
+    ``resolution`` (H, W): run the model on frames resized to it (as ``dcfm segment`` resizes them), predictions
+    upsampled to the label size.
     ``mask_sink(video, result)`` sees every predicted frame (e.g. to save masks).
     """
     accumulator = SettingAccumulator(model, config, len(class_names), vc_windows, mask_sink)
     for video in videos:
-        frames = list(video.iter_frames())  # decode outside the timed region
-        output_size = label_size(video, frames)
-        accumulator.add(video, resize_frames(frames, resolution), output_size)
+        frames = list(video.iter_frames(resolution))  # decode outside the timed region
+        accumulator.add(video, frames, label_size(video))
     return accumulator.report(class_names)
 
 
@@ -269,9 +209,9 @@ def read_labels(video: LabelledVideo) -> dict[int, np.ndarray]:
     return {i: video.read_label(i) for i in sorted(video.labels)}
 
 
-def label_size(video: LabelledVideo, frames: list[np.ndarray]) -> tuple[int, int] | None:
+def label_size(video: LabelledVideo) -> tuple[int, int]:
     """(H, W) predictions must have to be scored: the first label map's, else the frames' own."""
     if video.labels:
         with Image.open(video.labels[min(video.labels)]) as image:
             return image.height, image.width
-    return tuple(frames[0].shape[:2]) if frames else None
+    return video.frame_size()

@@ -1,4 +1,5 @@
-"""Symmetric-pair training pieces shared by the local loop and the Ray Train job (METHOD.md §3).
+"""The training recipe (METHOD.md §3): what one step of symmetric-pair training does, used by the loop in
+:mod:`dcfm.train.loop`.
 
 * ``PairAugment``: one random scale / rotation / crop / flip / colour jitter drawn per pair and applied
   identically to the labelled frame, its neighbour and the label;
@@ -10,15 +11,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from dcfm.datasets import PairSample
-from dcfm.losses import IGNORE_INDEX, LossTerms, LossWeights, dcfm_loss
+from dcfm.data import IGNORE_INDEX
+from dcfm.data.base import PairSample
+from dcfm.losses import LossTerms, LossWeights, dcfm_loss
 from dcfm.model import DCFM, IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -102,23 +104,31 @@ class OptimConfig:
     weight_decay: float | None = None
     momentum: float = 0.9
     power: float | None = None  # poly exponent
-    warmup_steps: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
+    # Linear warm-up steps before poly decay. None: the recipe's, which needs the run's length (see resolved).
+    warmup_steps: int | None = None
 
-    def resolved(self, backbone: str) -> OptimConfig:
-        """Fill unset fields from the official recipe for ``backbone``."""
+    def resolved(self, backbone: str, total_steps: int | None = None) -> OptimConfig:
+        """Fill unset fields from the official recipe for ``backbone``.
+
+        The AdamW (MiT) recipe warms up for 1500 of its 160k iterations, so an unset ``warmup_steps`` becomes
+        ``min(1500, total_steps // 10)`` for AdamW (0 when ``total_steps`` is not given) and 0 for SGD.
+        """
         if backbone.startswith("resnet"):
             defaults = OptimConfig("sgd", 0.01, 1.0, 5e-4, power=0.9)
         else:
             defaults = OptimConfig("adamw", 6e-5, 10.0, 0.01, power=1.0)
+        name = self.name or defaults.name
+        warmup = self.warmup_steps
+        if warmup is None:
+            warmup = min(1500, total_steps // 10) if name == "adamw" and total_steps else 0
         return OptimConfig(
-            name=self.name or defaults.name,
+            name=name,
             lr=self.lr if self.lr is not None else defaults.lr,
             decoder_lr_mult=self.decoder_lr_mult if self.decoder_lr_mult is not None else defaults.decoder_lr_mult,
             weight_decay=self.weight_decay if self.weight_decay is not None else defaults.weight_decay,
             momentum=self.momentum,
             power=self.power if self.power is not None else defaults.power,
-            warmup_steps=self.warmup_steps,
+            warmup_steps=warmup,
         )
 
 
@@ -170,57 +180,3 @@ def train_step(
     terms.total.backward()
     optimizer.step()
     return terms
-
-
-@dataclass
-class FitConfig:
-    """A single-process training run (the demo and benchmarks; the Ray Train job wraps the same step)."""
-
-    steps: int = 200
-    batch_size: int = 4
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    weights: LossWeights = field(default_factory=LossWeights)
-    seed: int = 0
-    log_every: int = 20
-    loader_workers: int = 1
-
-
-def _collate(samples: list[PairSample]) -> list[PairSample]:
-    return samples
-
-
-def fit(
-    model: DCFM,
-    dataset: torch.utils.data.Dataset,
-    config: FitConfig,
-    device: torch.device | None = None,
-    log=print,
-) -> list[float]:
-    """Train ``model`` in place for ``config.steps`` steps; returns the per-step total loss."""
-    device = device or next(model.parameters()).device
-    model.to(device)
-    optimizer = build_optimizer(model, config.optim)
-    resolved = config.optim.resolved(model.config.backbone)
-    augment = PairAugment(config.augment)
-    rng = np.random.default_rng(config.seed)
-    sampler = torch.utils.data.RandomSampler(
-        dataset, replacement=True, num_samples=config.steps * config.batch_size,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=_collate,
-        num_workers=config.loader_workers, persistent_workers=config.loader_workers > 0,
-    )
-    losses: list[float] = []
-    for step, samples in enumerate(loader):
-        set_lr(optimizer, poly_lr(step, config.steps, resolved.power, resolved.warmup_steps))
-        terms = train_step(model, optimizer, augment.batch(samples, rng).to(device), config.weights)
-        losses.append(terms.total.item())
-        if log and (step % config.log_every == 0 or step == config.steps - 1):
-            log(
-                f"step {step + 1}/{config.steps} loss {terms.total.item():.3f} "
-                f"(key {terms.key_ce.item():.3f} reuse {terms.reuse_ce.item():.3f} pc {terms.consistency.item():.4f})"
-            )
-    model.eval()
-    return losses

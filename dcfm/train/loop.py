@@ -1,4 +1,5 @@
-"""The per-worker training loop that Ray Train's TorchTrainer runs on every worker.
+"""The training loop: the one ``dcfm train`` runs on every Ray Train worker and ``train_locally`` runs in
+this process, without Ray, as one worker (``make demo``, tests).
 
 Each worker reads its own shard of pairs, restores the latest checkpoint when Ray hands one over (after a
 worker failure, or when a command is rerun on the same output), trains with DDP (gloo on CPU, NCCL on GPU)
@@ -14,11 +15,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,8 +37,8 @@ from dcfm.train.config import TrainJobConfig
 from dcfm.train.data import PairStream, open_training_pairs, shard_refs
 from dcfm.train.state import (TrainState, load_optimizer_tensors, read_train_state, restore_optimizer,
                               save_training_checkpoint)
+from dcfm.train.recipe import build_optimizer, poly_lr, set_lr, train_step
 from dcfm.train.syncbn import convert_sync_batchnorm
-from dcfm.training import build_optimizer, poly_lr, set_lr, train_step
 
 CHECKPOINT_PREFIX = "checkpoint_"
 
@@ -48,16 +53,15 @@ def checkpoint_dir_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:06d}"
 
 
-def _restore(checkpoint, model_config: DCFMConfig) -> tuple[dict[str, torch.Tensor], TrainState, dict, dict]:
-    """Weights, progress and optimiser state of a Ray checkpoint (downloaded to a local directory)."""
-    with checkpoint.as_directory() as directory:
-        loaded = load_checkpoint(directory)
-        if loaded.card.config != model_config:
-            raise CheckpointError(
-                f"checkpoint {checkpoint.path} holds a {loaded.card.config} model but this run trains "
-                f"{model_config}; use a new --output for another model")
-        state, optimizer_meta = read_train_state(directory)
-        return loaded.model.state_dict(), state, optimizer_meta, load_optimizer_tensors(directory)
+def _restore(directory: str, where: str, model_config: DCFMConfig) -> tuple[dict[str, torch.Tensor], TrainState, dict, dict]:
+    """Weights, progress and optimiser state of the training checkpoint in local ``directory`` (from ``where``)."""
+    loaded = load_checkpoint(directory)
+    if loaded.card.config != model_config:
+        raise CheckpointError(
+            f"checkpoint {where} holds a {loaded.card.config} model but this run trains "
+            f"{model_config}; use a new --output for another model")
+    state, optimizer_meta = read_train_state(directory)
+    return loaded.model.state_dict(), state, optimizer_meta, load_optimizer_tensors(directory)
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
@@ -110,7 +114,8 @@ class _Setup:
     layout: str
 
 
-def _setup(config: TrainJobConfig, rank: int, world: int, device: torch.device, checkpoint) -> _Setup:
+def _setup(config: TrainJobConfig, rank: int, world: int, device: torch.device, resume: tuple[str, str] | None) -> _Setup:
+    """``resume``: (local directory, where it came from) of the checkpoint to continue, or None."""
     from torch.nn.parallel import DistributedDataParallel
 
     dataset, candidates = open_training_pairs(config.data, config.layout, config.split, config.delta,
@@ -122,8 +127,8 @@ def _setup(config: TrainJobConfig, rank: int, world: int, device: torch.device, 
     torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = DCFM(model_config)
     state, restored = TrainState(), None
-    if checkpoint is not None:
-        weights_state, state, optimizer_meta, optimizer_tensors = _restore(checkpoint, model_config)
+    if resume is not None:
+        weights_state, state, optimizer_meta, optimizer_tensors = _restore(*resume, model_config)
         model.load_state_dict(weights_state)
         restored = (optimizer_tensors, optimizer_meta)
     model.to(device)
@@ -152,27 +157,22 @@ def _quiet_report_logs() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
-def train_loop_per_worker(config: TrainJobConfig) -> dict[str, Any]:
-    """Ray Train entry point; returns (on every rank) the step reached and where this attempt started."""
-    import ray.train
-    import ray.train.torch
+# Called with the logged row at every checkpoint step: (row, state, model, card, optimizer).
+SaveCheckpoint = Callable[[dict, TrainState, DCFM, ModelCard, torch.optim.Optimizer], None]
 
-    _quiet_report_logs()
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(max(1, int(config.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-    checkpoint = ray.train.get_checkpoint()
-    run = _setup(config, rank, world, device, checkpoint)
-    state, resolved = run.state, config.optim.resolved(config.backbone)
+
+def _train(config: TrainJobConfig, run: _Setup, rank: int, world: int, device: torch.device, resumed: bool,
+           save: SaveCheckpoint, after_step: Callable[[int, int | None], None] | None = None) -> dict[str, Any]:
+    """The loop itself: steps from the restored one to ``config.steps``; returns the step reached and where
+    this attempt started. ``after_step(step, last_saved)`` runs after every step (fault injection)."""
+    state, resolved = run.state, config.optim.resolved(config.backbone, config.steps)
 
     start = state.step
     state.attempt_starts.append(start)
     if rank == 0:
         _log(f"[train] worker 0/{world}: {run.dataset_size} pairs ({run.layout}), {len(run.stream.refs)} in this "
-             f"shard; {'resuming from step ' + str(start) if checkpoint is not None else 'starting'} of "
+             f"shard; {'resuming from step ' + str(start) if resumed else 'starting'} of "
              f"{config.steps} on {device}")
-    crash_here = config.fail_at_step is not None and checkpoint is None and rank == world - 1
     last_saved: int | None = None
     window = _Window()
     for step in range(start, config.steps):
@@ -184,10 +184,10 @@ def train_loop_per_worker(config: TrainJobConfig) -> dict[str, Any]:
         torch.manual_seed(_step_seed(config.seed, rank, step))  # dropout: reproducible across resumes
         window.add(train_step(run.network, run.optimizer, batch, run.weights))
         state.step = step + 1
-        if crash_here and state.step == config.fail_at_step:
-            _die_after_registration(context, last_saved)
-        save = state.step % config.checkpoint_every == 0 or state.step == config.steps
-        if save or state.step % config.log_every == 0:
+        if after_step is not None:
+            after_step(state.step, last_saved)
+        save_now = state.step % config.checkpoint_every == 0 or state.step == config.steps
+        if save_now or state.step % config.log_every == 0:
             # "lr" is the encoder's; the decoder's is decoder_lr_mult times it.
             row = _metrics(window, state.step, config, world, resolved.lr * factor, run.stream.epoch_of(state.step))
             state.history.append(row)
@@ -196,10 +196,82 @@ def train_loop_per_worker(config: TrainJobConfig) -> dict[str, Any]:
                 _log(f"[train] step {row['step']}/{config.steps} loss {row['loss']:.4f} (key {row['key_ce']:.4f} "
                      f"reuse {row['reuse_ce']:.4f} pc {row['consistency']:.5f}) lr {row['lr']:.2e} | "
                      f"{row['pairs_per_s']:.2f} pairs/s on {world} worker(s), data {100 * row['data_fraction']:.0f}%")
-        if save:
-            _report_checkpoint(row, state, run.model, run.card, run.optimizer, config, rank)
+        if save_now:
+            save(row, state, run.model, run.card, run.optimizer)
             last_saved = state.step
     return {"step": state.step, "attempt_starts": state.attempt_starts, "trained_steps": state.step - start}
+
+
+def train_loop_per_worker(config: TrainJobConfig) -> dict[str, Any]:
+    """Ray Train entry point; returns (on every rank) the step reached and where this attempt started."""
+    import ray.train
+    import ray.train.torch
+
+    _quiet_report_logs()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(config.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint is not None else nullcontext() as directory:
+        run = _setup(config, rank, world, device, (directory, checkpoint.path) if checkpoint is not None else None)
+    crash_here = config.fail_at_step is not None and checkpoint is None and rank == world - 1
+
+    def after_step(step: int, last_saved: int | None) -> None:
+        if crash_here and step == config.fail_at_step:
+            _die_after_registration(context, last_saved)
+
+    def save(row: dict, state: TrainState, model: DCFM, card: ModelCard, optimizer: torch.optim.Optimizer) -> None:
+        _report_checkpoint(row, state, model, card, optimizer, config, rank)
+
+    return _train(config, run, rank, world, device, checkpoint is not None, save, after_step)
+
+
+@dataclass
+class LocalRun:
+    """What :func:`train_locally` trained: the model (in eval mode), its card, and the run's progress."""
+
+    model: DCFM
+    card: ModelCard
+    state: TrainState
+
+
+def train_locally(config: TrainJobConfig, device: torch.device | str | None = None) -> LocalRun:
+    """Train in this process, without Ray, as the one worker of a ``config.workers == 1`` run.
+
+    Checkpoints go to ``config.output`` (a local directory) as ``dcfm train`` writes them: every
+    ``checkpoint_every`` steps and at the last, the newest ``keep_checkpoints`` kept, each complete or absent.
+    A local run always starts at step 0 (resuming is the Ray job's).
+    """
+    from dcfm.devices import pick_device
+
+    if config.workers != 1:
+        raise ValueError(f"a local run is one worker; got workers={config.workers} (use the Ray job)")
+    if "://" in config.output:
+        raise ValueError(f"a local run writes its checkpoints to a local directory, not {config.output}")
+    device = pick_device(str(device or "auto")) if not isinstance(device, torch.device) else device
+    output = Path(config.output)
+    run = _setup(config, 0, 1, device, None)
+
+    def save(row: dict, state: TrainState, model: DCFM, card: ModelCard, optimizer: torch.optim.Optimizer) -> None:
+        target = output / checkpoint_dir_name(state.step)
+        output.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=output, prefix=f".{target.name}."))
+        try:
+            _write_checkpoint(tmp, row, state, model, card, optimizer, config)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        kept = sorted(p for p in output.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit())
+        for old in kept[: -config.keep_checkpoints]:
+            shutil.rmtree(old)
+
+    _train(config, run, 0, 1, device, False, save)
+    run.model.eval()
+    return LocalRun(run.model, run.card, run.state)
 
 
 def _die_after_registration(context, last_saved: int | None, timeout_s: float = 120.0) -> None:
@@ -220,6 +292,13 @@ def _die_after_registration(context, last_saved: int | None, timeout_s: float = 
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _write_checkpoint(directory: str | Path, row: dict, state: TrainState, model: DCFM, card: ModelCard,
+                      optimizer: torch.optim.Optimizer, config: TrainJobConfig) -> None:
+    """A training checkpoint in a local directory, its card recording the step, the loss and the settings."""
+    card.metadata = {"step": state.step, "steps": config.steps, "loss": row["loss"], "settings": config.run_settings()}
+    save_training_checkpoint(directory, model, card, optimizer, state)
+
+
 def _report_checkpoint(row: dict, state: TrainState, model: DCFM, card: ModelCard,
                        optimizer: torch.optim.Optimizer, config: TrainJobConfig, rank: int) -> None:
     import ray.train
@@ -227,9 +306,7 @@ def _report_checkpoint(row: dict, state: TrainState, model: DCFM, card: ModelCar
     with tempfile.TemporaryDirectory(prefix="dcfm-ckpt-") as tmp:
         checkpoint = None
         if rank == 0:
-            card.metadata = {"step": state.step, "steps": config.steps, "loss": row["loss"],
-                             "settings": config.run_settings()}
-            save_training_checkpoint(tmp, model, card, optimizer, state)
+            _write_checkpoint(tmp, row, state, model, card, optimizer, config)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         # Every rank calls report (it is a barrier); only rank 0's carries files.
         ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.step))
