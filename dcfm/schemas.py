@@ -1,4 +1,5 @@
-"""Arrow schemas of the segment job's outputs, built from the versioned JSON files in ``schemas/``.
+"""Arrow schemas of the segment job's outputs, built from the versioned JSON files in ``schemas/``
+(installed as the package ``dcfm.output_schemas``; in a checkout, ``dcfm/output_schemas`` links to it).
 
 The JSON files are the contract (data teams can read them without Python); the writer and the tests
 both go through ``output_schema(name)`` so they cannot drift apart.
@@ -45,7 +46,7 @@ def output_schema(name: str) -> OutputSchema:
     """The schema ``name`` (frames, videos or errors) as Arrow, with its version in the metadata."""
     if name not in SCHEMA_NAMES:
         raise ValueError(f"unknown output schema {name!r}; expected one of {SCHEMA_NAMES}")
-    spec = json.loads(resources.files("dcfm_schemas").joinpath(f"{name}.json").read_text())
+    spec = json.loads(resources.files("dcfm.output_schemas").joinpath(f"{name}.json").read_text())
     fields = [
         pa.field(f["name"], _arrow_type(f["type"]), nullable=f["nullable"], metadata={"doc": f["doc"]})
         for f in spec["fields"]
