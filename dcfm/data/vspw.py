@@ -20,7 +20,7 @@ def detect(root: Path) -> bool:
     return (root / "data").is_dir() and next((root / "data").glob("*/origin"), None) is not None
 
 
-def open_pairs(root: Path, split: str = "train", delta: int = 1, **kwargs: Any) -> VSPWPairs:
+def open_pairs(root: Path, split: str = "train", delta: int = 1, **kwargs: Any) -> PairDataset:
     return VSPWPairs(root, split=split, delta=delta, **kwargs)
 
 

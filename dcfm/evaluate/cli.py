@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from dcfm.jobcli import add_reuse_arguments, config_default, keyframe_policy, parse_size, positive_int, run_job
+from dcfm.jobcli import add_reuse_arguments, defaults_of, keyframe_policy, parse_size, positive_int, run_job
 
 EPILOG = """\
 outputs (OUTPUT is local or s3://):
@@ -29,10 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from dcfm.data import LAYOUTS
     from dcfm.evaluate.config import EvaluateJobConfig
 
-    def default(name: str):
-        value = config_default(EvaluateJobConfig, name)
-        return getattr(value, "value", value)  # an enum's command-line spelling
-
+    default = defaults_of(EvaluateJobConfig)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
     p.add_argument("--checkpoint", required=True, metavar="URI", help="checkpoint directory (local or s3://)")

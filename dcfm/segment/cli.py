@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from dcfm.jobcli import add_reuse_arguments, config_default, keyframe_policy, parse_size, positive_int, run_job
+from dcfm.jobcli import add_reuse_arguments, defaults_of, keyframe_policy, parse_size, positive_int, run_job
 
 EPILOG = """\
 exit status:
@@ -33,10 +33,7 @@ def _actors(text: str) -> tuple[int, int]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from dcfm.segment.config import SegmentJobConfig
 
-    def default(name: str):
-        value = config_default(SegmentJobConfig, name)
-        return getattr(value, "value", value)  # an enum's command-line spelling
-
+    default = defaults_of(SegmentJobConfig)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
     p.add_argument("inputs", nargs="+", metavar="INPUT",

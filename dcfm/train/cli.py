@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from dcfm.jobcli import config_default, parse_size, positive_int, run_job
+from dcfm.jobcli import add_config_options, defaults_of, parse_size, positive_int, run_job
 
 EPILOG = """\
 outputs (OUTPUT is local or s3://):
@@ -36,15 +36,10 @@ def _float_pair(text: str) -> tuple[float, float]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from dcfm.data import LAYOUTS
-    from dcfm.train.config import TrainJobConfig
-    from dcfm.train.recipe import AugmentConfig
+    from dcfm.train.config import TrainJobConfig as Job
+    from dcfm.train.recipe import AugmentConfig, OptimConfig as Optim
 
-    def default(name: str):
-        return config_default(TrainJobConfig, name)
-
-    def augment(name: str):
-        return config_default(AugmentConfig, name)
-
+    default, augment = defaults_of(Job), defaults_of(AugmentConfig)
     crop, scale = augment("crop"), augment("scale")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
@@ -54,25 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, metavar="URI", help="run directory (local or s3://bucket/path/run)")
     p.add_argument("--layout", choices=["auto", *LAYOUTS], default=default("layout"),
                    help="dataset layout (default: detect)")
-    p.add_argument("--split", default=default("split"), help="dataset split (default %(default)s)")
-    p.add_argument("--delta", type=positive_int, default=default("delta"),
-                   help="neighbour distance U = L ± delta (default %(default)s)")
     p.add_argument("--max-delta", type=positive_int, default=default("max_delta"),
                    help="draw the neighbour distance from DELTA..MAX_DELTA for every pair visit, so reuse is also "
                         "trained over the gaps k-1 frames wide that inference at interval k has (default: DELTA)")
-    p.add_argument("--backbone", default=default("backbone"),
-                   help="resnet18/50/101 or pvt_v2_b0..b5 (default %(default)s)")
     p.add_argument("--pretrained", action="store_true", help="ImageNet backbone weights from the timm hub")
-    p.add_argument("--workers", type=positive_int, default=default("workers"),
-                   help="Ray Train workers (DDP ranks; default %(default)s)")
-    p.add_argument("--gpus-per-worker", type=float, default=default("gpus_per_worker"),
-                   help="GPUs per worker (1 on a GPU cluster; default %(default)s)")
-    p.add_argument("--cpus-per-worker", type=float, default=default("cpus_per_worker"),
-                   help="CPUs per worker, also its torch threads (default %(default)s)")
-    p.add_argument("--steps", type=positive_int, default=default("steps"),
-                   help="optimisation steps (default %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=default("batch_size"),
-                   help="pairs per worker per step (default %(default)s)")
     p.add_argument("--crop", type=parse_size, default=crop, metavar="HxW",
                    help=f"training crop (default {crop[0]}x{crop[1]})")
     p.add_argument("--scale", type=_float_pair, default=scale, metavar="MIN,MAX",
@@ -84,26 +64,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="colour jitter strength (default %(default)s)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None,
                    help="default: the official recipe (SGD for ResNet, AdamW for PVTv2)")
-    p.add_argument("--lr", type=float, default=None, help="encoder learning rate (default: the recipe's)")
-    p.add_argument("--decoder-lr-mult", type=float, default=None, help="decoder lr multiplier (recipe: 10 for AdamW)")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default: the recipe's)")
-    p.add_argument("--warmup-steps", type=int, default=None,
-                   help="linear warm-up steps before poly decay (default: the AdamW recipe's 1500, at most a "
-                        "tenth of --steps; none for SGD)")
-    p.add_argument("--power", type=float, default=None, help="poly exponent (recipe: 0.9 SGD, 1.0 AdamW)")
+    # The options named after config fields; OptimConfig's None is "the recipe's value", resolved for the
+    # backbone (and, for the warm-up, the run's length).
+    add_config_options(p, [
+        (Job, "--split", None, "dataset split (default %(default)s)"),
+        (Job, "--delta", positive_int, "neighbour distance U = L ± delta (default %(default)s)"),
+        (Job, "--backbone", None, "resnet18/50/101 or pvt_v2_b0..b5 (default %(default)s)"),
+        (Job, "--workers", positive_int, "Ray Train workers (DDP ranks; default %(default)s)"),
+        (Job, "--gpus-per-worker", float, "GPUs per worker (1 on a GPU cluster; default %(default)s)"),
+        (Job, "--cpus-per-worker", float, "CPUs per worker, also its torch threads (default %(default)s)"),
+        (Job, "--steps", positive_int, "optimisation steps (default %(default)s)"),
+        (Job, "--batch-size", positive_int, "pairs per worker per step (default %(default)s)"),
+        (Optim, "--lr", float, "encoder learning rate (default: the recipe's)"),
+        (Optim, "--decoder-lr-mult", float, "decoder lr multiplier (recipe: 10 for AdamW)"),
+        (Optim, "--weight-decay", float, "weight decay (default: the recipe's)"),
+        (Optim, "--power", float, "poly exponent (recipe: 0.9 SGD, 1.0 AdamW)"),
+        (Job, "--seed", int, "random seed (default %(default)s)"),
+        (Job, "--checkpoint-every", positive_int, "steps between checkpoints (default %(default)s)"),
+        (Job, "--keep-checkpoints", positive_int, "checkpoints kept (default %(default)s)"),
+        (Job, "--log-every", positive_int, "steps between loss/throughput lines (default %(default)s)"),
+        (Job, "--max-failures", int, "worker-group restarts before giving up (default %(default)s)"),
+        (Optim, "--warmup-steps", int, "linear warm-up steps before poly decay (default: the AdamW recipe's 1500, "
+                                       "at most a tenth of --steps; none for SGD)"),
+    ])
     p.add_argument("--reuse-weight", type=float, default=None,
                    help="λ1, the non-keyframe CE weight (default: the paper's per dataset, 0.4; 0.2 for VSPW)")
     p.add_argument("--consistency-weight", type=float, default=None,
                    help="λ2, the consistency loss weight (default: the paper's per dataset, 10; 5 for VSPW)")
-    p.add_argument("--seed", type=int, default=default("seed"), help="random seed (default %(default)s)")
-    p.add_argument("--checkpoint-every", type=positive_int, default=default("checkpoint_every"),
-                   help="steps between checkpoints (default %(default)s)")
-    p.add_argument("--keep-checkpoints", type=positive_int, default=default("keep_checkpoints"),
-                   help="checkpoints kept (default %(default)s)")
-    p.add_argument("--log-every", type=positive_int, default=default("log_every"),
-                   help="steps between loss/throughput lines (default %(default)s)")
-    p.add_argument("--max-failures", type=int, default=default("max_failures"),
-                   help="worker-group restarts before giving up (default %(default)s)")
     p.add_argument("--address", default=default("ray_address"),
                    help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
