@@ -102,3 +102,10 @@ def test_child_processes_inherit_the_s3_environment(s3_server, s3_env: str) -> N
     assert result.returncode == 0, result.stderr
     assert result.stdout == "parent"
     assert aws_env_vars() == s3_server.env_vars()
+
+
+def test_credentials_never_reach_logs() -> None:
+    """Every job logs and records URIs through storage.redact."""
+    assert storage.redact("s3://AKIA:secret@bucket/key.mp4") == "s3://bucket/key.mp4"
+    assert storage.redact("https://user:pw@host:9000/b/k") == "https://host:9000/b/k"
+    assert storage.redact("/data/x.mp4") == "/data/x.mp4"
