@@ -20,7 +20,7 @@ from dcfm.checkpoint import CARD_FILE, read_card
 from dcfm.classes import default_class_names, default_palette
 from dcfm.cli import main
 from dcfm.labels.cvat import CvatExportConfig, export_cvat
-from dcfm.labels.progress import ProgressBar
+from dcfm.progress import ProgressBar
 from dcfm.labels.render import TIMELINE_SIZE, RenderConfig, contact_sheet_size, render_video
 from dcfm.labels.report import ReportConfig, write_report
 from dcfm.synth import SynthConfig, generate_corpus, load_manifest
@@ -278,8 +278,10 @@ def test_progress_bar_only_on_a_terminal() -> None:
     bar.close()
     assert quiet.getvalue() == ""
     live = Stream(True)
-    bar = ProgressBar("segment", 100, stream=live)
-    bar.update(40, chunks="3/8 chunks")
+    bar = ProgressBar("segment", 100, unit="chunks", stream=live)
+    bar.update(40, extra="812 frames, 61.0 frames/s")
     text = live.getvalue()
-    assert text.startswith("\r[segment]") and "40/100 frames" in text and "3/8 chunks" in text
-    assert "frames/s" in text and "ETA" in text and "40%" in text
+    assert text.startswith("\r[segment]") and "40/100 chunks" in text and "812 frames, 61.0 frames/s" in text
+    assert "chunks/s" in text and "ETA" in text and "40%" in text
+    bar.close()
+    assert live.getvalue().endswith("\r\x1b[K")

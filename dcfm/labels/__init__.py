@@ -6,5 +6,4 @@ timelines and an HTML report, all read from a segment job's committed Parquet ou
     dcfm.labels.cvat       `dcfm export cvat`: CVAT "Segmentation mask 1.1" (Pascal VOC) zips
     dcfm.labels.render     `dcfm render`: overlay MP4, contact sheet PNG, timeline PNG
     dcfm.labels.report     `dcfm report`: one self-contained HTML page
-    dcfm.labels.progress   live progress bar on a terminal, stable log lines elsewhere
 """

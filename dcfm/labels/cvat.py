@@ -33,7 +33,7 @@ from dcfm.labels.committed import (
     iter_frame_rows,
 )
 from dcfm.labels.files import staged_file
-from dcfm.labels.progress import ProgressBar
+from dcfm.progress import ProgressBar
 from dcfm.labels.review import FrameScore, frame_score, lowest, ranked_csv
 
 FRAME_NAME = "frame_{:06d}"  # CVAT numbers a video task's frames from 0
@@ -172,7 +172,7 @@ def export_cvat(config: CvatExportConfig, log: Callable[[str], None] = print) ->
         def tick() -> None:
             nonlocal seen
             seen += 1
-            bar.update(seen, chunks=f"{number - 1}/{len(videos)} videos")
+            bar.update(seen, extra=f"{number - 1}/{len(videos)} videos")
         result = export_video(video, classes, config, tick)
         bar.close()
         log(f"[export] {video.video_id}: {result.frames} frames -> {result.zip_uri}"

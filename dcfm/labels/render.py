@@ -36,7 +36,7 @@ from dcfm.labels.committed import (
     iter_frame_rows,
 )
 from dcfm.labels.files import staged_file
-from dcfm.labels.progress import ProgressBar
+from dcfm.progress import ProgressBar
 from dcfm.labels.review import FrameScore, frame_score, lowest
 
 TILE_WIDTH = 320

@@ -34,8 +34,8 @@ class ProgressBar:
         self._drawn = False
         self.done = 0
 
-    def update(self, done: int, chunks: str | None = None, total: int | None = None) -> None:
-        """Record progress; redraw if due. ``chunks`` is an extra field such as ``"3/8 chunks"``."""
+    def update(self, done: int, extra: str | None = None, total: int | None = None) -> None:
+        """Record progress (and a new ``total`` estimate); redraw if due. ``extra``: e.g. ``"812 frames"``."""
         self.done = done
         if total is not None:
             self.total = total
@@ -43,11 +43,11 @@ class ProgressBar:
         if not self.enabled or now - self._last_draw < _REDRAW_S:
             return
         self._last_draw = now
-        self.stream.write("\r" + self.line(now, chunks) + "\x1b[K")
+        self.stream.write("\r" + self.line(now, extra) + "\x1b[K")
         self.stream.flush()
         self._drawn = True
 
-    def line(self, now: float | None = None, chunks: str | None = None) -> str:
+    def line(self, now: float | None = None, extra: str | None = None) -> str:
         """The text of the bar (without terminal control characters)."""
         elapsed = (now if now is not None else time.perf_counter()) - self.start
         rate = self.done / elapsed if elapsed > 0 else 0.0
@@ -56,9 +56,9 @@ class ProgressBar:
             share = min(1.0, self.done / self.total)
             filled = int(share * _WIDTH)
             parts.append("[" + "#" * filled + "-" * (_WIDTH - filled) + f"] {100 * share:3.0f}%")
-        if chunks:
-            parts.append(chunks)
         parts.append(f"{self.done}{'/' + str(self.total) if self.total else ''} {self.unit}")
+        if extra:
+            parts.append(extra)
         parts.append(f"{rate:.1f} {self.unit}/s")
         if self.total and rate > 0:
             parts.append(f"ETA {_clock((self.total - self.done) / rate)}")
