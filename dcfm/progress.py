@@ -2,12 +2,15 @@
 
 The bar redraws one line of stderr in place (chunks, frames, frames/s, ETA) at most a few times a second
 and only when stderr is a TTY; the commands' own log lines stay exactly as they are, so logs and tests
-that read them see no difference.
+that read them see no difference. Work done in Ray workers (training steps) reaches the driver's bar
+through a small actor (``RemoteProgress`` / ``tell_progress``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
+import threading
 import time
 from typing import TextIO
 
@@ -70,3 +73,73 @@ class ProgressBar:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
             self._drawn = False
+
+
+def _counter_name(run: str) -> str:
+    return "dcfm-progress-" + hashlib.sha256(run.encode()).hexdigest()[:16]
+
+
+class RemoteProgress:
+    """A bar on the driver for work that runs in Ray workers (training): workers call ``tell_progress``.
+
+    Only when the driver's stderr is a terminal does it start anything: a zero-CPU Ray actor holding the
+    latest count, and a thread that draws the bar from it.
+    """
+
+    def __init__(self, run: str, label: str, total: int, unit: str, stream: TextIO | None = None) -> None:
+        self.bar = ProgressBar(label, total, unit, stream)
+        self._actor = None
+        self._stop = threading.Event()
+        if not self.bar.enabled:
+            return
+        import ray
+
+        @ray.remote(num_cpus=0)
+        class Counter:
+            def __init__(self) -> None:
+                self.value = 0
+
+            def set(self, value: int) -> None:
+                self.value = value
+
+            def get(self) -> int:
+                return self.value
+
+        self._actor = Counter.options(name=_counter_name(run)).remote()
+        self._thread = threading.Thread(target=self._draw, args=(ray,), daemon=True)
+        self._thread.start()
+
+    def _draw(self, ray) -> None:
+        while not self._stop.wait(_REDRAW_S * 2):
+            try:
+                self.bar.update(ray.get(self._actor.get.remote(), timeout=5))
+            except Exception:  # a bar must never take the job down
+                return
+
+    def close(self) -> None:
+        if self._actor is None:
+            return
+        import ray
+
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.bar.close()
+        ray.kill(self._actor)
+        self._actor = None
+
+
+_counters: dict[str, object] = {}
+
+
+def tell_progress(run: str, done: int) -> None:
+    """From a Ray worker: report ``done`` to the driver's bar of ``run``; nothing happens if none listens."""
+    if run not in _counters:
+        import ray
+
+        try:
+            _counters[run] = ray.get_actor(_counter_name(run))
+        except ValueError:  # no terminal on the driver, so no counter
+            _counters[run] = None
+    counter = _counters[run]
+    if counter is not None:
+        counter.set.remote(done)

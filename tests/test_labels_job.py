@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 import zipfile
 from pathlib import Path
 
@@ -155,3 +156,25 @@ def test_export_render_and_report_on_s3(ray_local, corpus, checkpoint, s3_env, t
     page.feed((tmp_path / "report.html").read_text())
     assert f"{s3_env}/renders/{video_id}.overlay.mp4" in page.links
     assert sum(video in page.cells for video in ids) == 2
+
+
+def test_ray_workers_drive_the_terminal_bar_of_the_driver(ray_local) -> None:
+    import ray
+
+    from dcfm.progress import RemoteProgress, tell_progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    progress = RemoteProgress("s3://bucket/run", "train", 10, "steps", stream=screen)
+    ray.get(ray.remote(num_cpus=0)(lambda: tell_progress("s3://bucket/run", 7)).remote())
+    deadline = time.monotonic() + 20
+    while "7/10 steps" not in screen.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    progress.close()
+    assert "7/10 steps" in screen.getvalue() and "ETA" in screen.getvalue()
+    quiet = RemoteProgress("s3://bucket/other", "train", 10, "steps", stream=io.StringIO())
+    ray.get(ray.remote(num_cpus=0)(lambda: tell_progress("s3://bucket/other", 3)).remote())  # no counter: no-op
+    quiet.close()
