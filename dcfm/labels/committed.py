@@ -13,7 +13,7 @@ import json
 import posixpath
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -23,6 +23,9 @@ from dcfm import storage
 from dcfm.checkpoint import CheckpointError, read_card
 from dcfm.classes import check_palette
 from dcfm.segment.outputs import OutputLayout
+
+if TYPE_CHECKING:
+    from dcfm.decode import DecodedFrame
 
 METRIC_COLUMNS = ("frame_index", "is_keyframe", "confidence", "label_change_rate", "keyframe_agreement")
 _BATCH_ROWS = 16  # masks of 16 1080p frames are a few MB: small enough for flat memory, big enough to be quick
@@ -110,6 +113,17 @@ def iter_frame_rows(video: CommittedVideo, columns: Sequence[str] = METRIC_COLUM
     if video.frame_count and expected != video.frame_count:
         raise ValueError(f"{video.video_id}: {expected} frame rows for {video.frame_count} frames; the output was "
                          "modified after it was committed")
+
+
+def iter_source_frames(video: CommittedVideo) -> Iterator[DecodedFrame]:
+    """The source frames of ``video`` in display order, decoded as the segment job decodes them."""
+    from dcfm.decode import decode_range, probe_video
+
+    probe = probe_video(video.video_uri)
+    if probe.frame_count != video.frame_count:
+        raise ValueError(f"{video.video_uri}: {probe.frame_count} frames now, {video.frame_count} when it was "
+                         "segmented; the source changed, segment it again")
+    return decode_range(video.video_uri, probe, 0, probe.frame_count)
 
 
 def decode_mask(png: bytes) -> np.ndarray:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +31,7 @@ from dcfm.labels.committed import (
     committed_videos,
     decode_mask,
     iter_frame_rows,
+    iter_source_frames,
 )
 from dcfm.labels.files import staged_file
 from dcfm.progress import ProgressBar
@@ -108,17 +109,6 @@ def select_frames(video: CommittedVideo, every: int, review: int | None) -> tupl
     return {s.frame_index for s in ranked}, ranked
 
 
-def _source_frames(video: CommittedVideo) -> Iterator[np.ndarray]:
-    from dcfm.decode import decode_range, probe_video
-
-    probe = probe_video(video.video_uri)
-    if probe.frame_count != video.frame_count:
-        raise ValueError(f"{video.video_uri}: {probe.frame_count} frames now, {video.frame_count} when it was "
-                         "segmented; the source changed, segment it again")
-    for frame in decode_range(video.video_uri, probe, 0, probe.frame_count):
-        yield frame.rgb
-
-
 def export_video(video: CommittedVideo, classes: ClassInfo, config: CvatExportConfig,
                  on_frame: Callable[[], None] = lambda: None) -> ExportedVideo:
     """Write one video's zip (and review CSV) under ``config.to``."""
@@ -127,12 +117,12 @@ def export_video(video: CommittedVideo, classes: ClassInfo, config: CvatExportCo
     zip_uri = storage.join(config.to, f"{video.video_id}.zip")
     names: list[str] = []
     columns = ["mask_png"]
-    sources = _source_frames(video) if config.images else None
+    sources = iter_source_frames(video) if config.images else None
     with staged_file(zip_uri, suffix=".zip") as local:
         with zipfile.ZipFile(local, "w", compression=zipfile.ZIP_STORED) as archive:
             for row in iter_frame_rows(video, columns):
                 index = row["frame_index"]
-                source = next(sources) if sources is not None else None
+                source = next(sources).rgb if sources is not None else None
                 on_frame()
                 if index % config.every or (keep is not None and index not in keep):
                     continue

@@ -34,6 +34,7 @@ from dcfm.labels.committed import (
     committed_videos,
     decode_mask,
     iter_frame_rows,
+    iter_source_frames,
 )
 from dcfm.labels.files import staged_file
 from dcfm.progress import ProgressBar
@@ -240,14 +241,8 @@ class _Sheet:
 
 def _joined(video: CommittedVideo) -> Iterator[tuple[np.ndarray, dict]]:
     """(source frame, frame row with its mask) pairs in display order, one at a time."""
-    from dcfm.decode import decode_range, probe_video
-
-    probe = probe_video(video.video_uri)
-    if probe.frame_count != video.frame_count:
-        raise ValueError(f"{video.video_uri}: {probe.frame_count} frames now, {video.frame_count} when it was "
-                         "segmented; the source changed, segment it again")
     rows = iter_frame_rows(video, ["is_keyframe", "mask_png"])
-    for frame, row in zip(decode_range(video.video_uri, probe, 0, probe.frame_count), rows):
+    for frame, row in zip(iter_source_frames(video), rows):
         if frame.index != row["frame_index"]:  # cannot happen unless the source was replaced in between
             raise ValueError(f"{video.video_uri}: decoded frame {frame.index} for mask {row['frame_index']}")
         yield frame.rgb, row
