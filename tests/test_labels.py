@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -228,7 +229,7 @@ def test_report_page_has_runs_videos_class_share_and_errors(known_output, model,
     assert {"sky", "road", "car"} <= set(parsed.cells)
     assert "renders/vid-a.timeline.png" in parsed.links and not [h for h in parsed.links if "vid-b" in h]
     image = [src for src in parsed.images if src.startswith("data:image/png;base64,")]
-    assert image and Image.open(io.BytesIO(__import__("base64").b64decode(image[0].split(",", 1)[1]))).size[0] > 100
+    assert image and Image.open(io.BytesIO(base64.b64decode(image[0].split(",", 1)[1]))).size[0] > 100
     chromium = shutil.which("chromium") or (Path("/usr/bin/chromium").exists() and "/usr/bin/chromium")
     if chromium:  # the page renders in a real browser where the machine has one
         shot = tmp_path / "report.png"

@@ -33,9 +33,9 @@ from dcfm.labels.committed import (
     iter_frame_rows,
     iter_source_frames,
 )
-from dcfm.labels.files import staged_file
-from dcfm.progress import ProgressBar
+from dcfm.labels.files import publish_bytes, staged_file
 from dcfm.labels.review import FrameScore, frame_score, lowest, ranked_csv
+from dcfm.progress import ProgressBar
 
 FRAME_NAME = "frame_{:06d}"  # CVAT numbers a video task's frames from 0
 BACKGROUND = "background"
@@ -140,7 +140,7 @@ def export_video(video: CommittedVideo, classes: ClassInfo, config: CvatExportCo
         if config.review is not None:
             # The CSV first: when the zip is there, its review queue is too.
             csv_uri = storage.join(config.to, f"{video.video_id}.review.csv")
-            storage.write_bytes_atomic(csv_uri, ranked_csv(ranked, FRAME_NAME))
+            publish_bytes(csv_uri, ranked_csv(ranked, FRAME_NAME))
     return ExportedVideo(video.video_id, zip_uri, len(names), csv_uri)
 
 

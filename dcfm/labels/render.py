@@ -36,9 +36,9 @@ from dcfm.labels.committed import (
     iter_frame_rows,
     iter_source_frames,
 )
-from dcfm.labels.files import staged_file
-from dcfm.progress import ProgressBar
+from dcfm.labels.files import publish_bytes, staged_file
 from dcfm.labels.review import FrameScore, frame_score, lowest
+from dcfm.progress import ProgressBar
 
 TILE_WIDTH = 320
 CAPTION_HEIGHT = 20
@@ -179,7 +179,9 @@ def timeline_png(scores: list[FrameScore], worst: list[FrameScore], title: str) 
             bad = np.array([i in worst_set for i in frames])
             ax.scatter(frames[bad], values[bad], color="red", s=12, zorder=3)
         ax.set_ylabel(name, fontsize=8)
-        ax.set_ylim(-0.02, 1.02)
+        # Label change is small on most frames: scale to it, or a flat line hides the spikes.
+        top = 1.02 if name != "label change" or np.all(np.isnan(values)) else max(0.1, 1.1 * np.nanmax(values))
+        ax.set_ylim(-0.02 * top, top)
         ax.grid(alpha=0.3)
     keyframes = [s.frame_index for s in scores if s.is_keyframe]
     axes[3].vlines(keyframes, 0, 1, color="black", linewidth=0.6)
@@ -289,9 +291,9 @@ def render_video(config: RenderConfig, log: Callable[[str], None] = print) -> Re
     with staged_file(result.overlay_mp4, suffix=".mp4") as local:
         write_video(local, overlays(), fps=fps, crf=20)
     bar.close()
-    storage.write_bytes_atomic(result.overlay_png, _png(still[0]))
-    storage.write_bytes_atomic(result.contact_sheet, _png(sheet.image))
-    storage.write_bytes_atomic(result.timeline, timeline_png(scores, worst, f"{config.video_id} ({video.video_uri})"))
+    publish_bytes(result.overlay_png, _png(still[0]))
+    publish_bytes(result.contact_sheet, _png(sheet.image))
+    publish_bytes(result.timeline, timeline_png(scores, worst, f"{config.video_id} ({video.video_uri})"))
     log(f"[render] {result.overlay_mp4}\n[render] {result.overlay_png}\n[render] {result.contact_sheet}\n"
         f"[render] {result.timeline}")
     return result
