@@ -1,7 +1,7 @@
 """Command lines of `dcfm export cvat`, `dcfm render` and `dcfm report` (registered in dcfm.cli).
 
-Exit status: 0 done; 2 bad command line (or a video id that is not committed); 3 the command failed
-(unreadable output or checkpoint, unwritable destination).
+Exit status: 0 done; 2 bad command line; 3 the command failed (a video id that is not committed, an
+unreadable output or checkpoint, an unwritable destination), with one line saying why.
 """
 
 from __future__ import annotations
