@@ -4,8 +4,9 @@
 
 Makes a synthetic video of each length (dcfm synth, every frame labelled) and commits its label maps as the
 masks of a segment output (the exact rows, files and marker the job writes; no model has to run for 5,000
-frames), then runs each command in a fresh process and prints its peak RSS and wall time. Memory that does
-not grow from the short to the long video is what streaming promises.
+frames), then runs each command in a fresh process and prints its wall time and its resident memory before
+and at the peak while it ran. Memory that does not grow from the short to the long video is what streaming
+promises. frames/s is frames of the video over seconds (`--review 50` encodes 50 of them).
 """
 
 from __future__ import annotations
@@ -31,16 +32,28 @@ from dcfm.synth import CLASSES, PALETTE, SynthConfig, generate_corpus, load_mani
 RUN_ID = "bench-run"
 CHUNK = 256
 
-# Runs in the child: the command, then its peak RSS (ru_maxrss is KiB on Linux).
-# Imports first, so the time is the command's work and the memory it adds shows against the imports' own.
+# Imports first; then the command runs while a thread samples the process's resident memory (VmRSS) every
+# 10 ms. ru_maxrss cannot be used: importing torch peaks higher than anything the commands do afterwards.
 _CHILD = """
-import resource, sys, time
+import sys, threading, time
 import dcfm.labels.cvat, dcfm.labels.render, dcfm.decode, matplotlib.figure
 from dcfm.cli import main
-imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def rss_mib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+peak, done = [0.0], threading.Event()
+def sample():
+    while not done.wait(0.01):
+        peak[0] = max(peak[0], rss_mib())
+before = rss_mib()
+threading.Thread(target=sample, daemon=True).start()
 start = time.perf_counter()
 code = main(sys.argv[1:])
-print("RESULT", code, time.perf_counter() - start, imported, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+seconds = time.perf_counter() - start
+done.set()
+print("RESULT", code, seconds, before, max(peak[0], rss_mib()))
 """
 
 
@@ -106,7 +119,7 @@ def main() -> None:
         config = DCFMConfig("pvt_v2_b0", num_classes=len(CLASSES))
         checkpoint = str(root / "model")
         digest = save_checkpoint(checkpoint, DCFM(config), ModelCard(config, list(CLASSES), list(PALETTE), (height, width)))
-        print("| command | frames | size | seconds | frames/s | RSS after imports MiB | peak RSS MiB | added MiB |\n"
+        print("| command | frames | size | seconds | frames/s | RSS before MiB | peak RSS during MiB | added MiB |\n"
               "|---|---|---|---|---|---|---|---|")
         for frames in (args.short, args.long):
             t0 = time.perf_counter()
