@@ -138,7 +138,7 @@ def tell_progress(run: str, done: int) -> None:
 
         try:
             _counters[run] = ray.get_actor(_counter_name(run))
-        except ValueError:  # no terminal on the driver, so no counter
+        except Exception:  # ValueError: no terminal on the driver, so no counter; a bar never stops training
             _counters[run] = None
     counter = _counters[run]
     if counter is not None:
