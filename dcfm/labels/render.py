@@ -175,8 +175,10 @@ def timeline_png(scores: list[FrameScore], worst: list[FrameScore], title: str) 
             ax.text(0.5, 0.5, f"no {name} (causal run)", transform=ax.transAxes, ha="center", va="center",
                     color="grey")
         else:
-            ax.plot(frames, values, color=colour, linewidth=1)
-            bad = np.array([i in worst_set for i in frames])
+            # Frames without a value (keyframes have no agreement) are skipped, not breaks in the line.
+            have = ~np.isnan(values)
+            ax.plot(frames[have], values[have], color=colour, linewidth=1)
+            bad = have & np.array([i in worst_set for i in frames], dtype=bool)
             ax.scatter(frames[bad], values[bad], color="red", s=12, zorder=3)
         ax.set_ylabel(name, fontsize=8)
         # Label change is small on most frames: scale to it, or a flat line hides the spikes.
