@@ -122,16 +122,18 @@ def export_video(video: CommittedVideo, classes: ClassInfo, config: CvatExportCo
         with zipfile.ZipFile(local, "w", compression=zipfile.ZIP_STORED) as archive:
             for row in iter_frame_rows(video, columns):
                 index = row["frame_index"]
-                source = next(sources).rgb if sources is not None else None
+                frame = next(sources) if sources is not None else None
+                if frame is not None and frame.index != index:  # only if the source was replaced meanwhile
+                    raise ValueError(f"{video.video_uri}: decoded frame {frame.index} for mask {index}")
                 on_frame()
                 if index % config.every or (keep is not None and index not in keep):
                     continue
                 name = FRAME_NAME.format(index)
                 mask = decode_mask(row["mask_png"])
                 archive.writestr(f"SegmentationClass/{name}.png", png_bytes(colour_mask(mask, lut)))
-                if source is not None:
+                if frame is not None:
                     buffer = io.BytesIO()
-                    Image.fromarray(source).save(buffer, format="JPEG", quality=92)
+                    Image.fromarray(frame.rgb).save(buffer, format="JPEG", quality=92)
                     archive.writestr(f"JPEGImages/{name}.jpg", buffer.getvalue())
                 names.append(name)
             archive.writestr("labelmap.txt", labelmap(classes))
