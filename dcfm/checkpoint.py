@@ -19,6 +19,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from dcfm import storage
+from dcfm.classes import default_class_names, default_palette
 from dcfm.data import IGNORE_INDEX
 from dcfm.model import DCFM, IMAGENET_MEAN, IMAGENET_STD, DCFMConfig
 
@@ -59,10 +60,14 @@ class ModelCard:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelCard:
+        config = DCFMConfig.from_dict(data["config"])
+        # Cards from before names and colours were recorded still load, with the documented defaults.
+        names = data.get("class_names") or default_class_names(config.num_classes)
+        palette = data.get("palette") or default_palette(config.num_classes)
         return cls(
-            config=DCFMConfig.from_dict(data["config"]),
-            class_names=list(data["class_names"]),
-            palette=[tuple(c) for c in data["palette"]],
+            config=config,
+            class_names=[str(n) for n in names],
+            palette=[tuple(int(v) for v in c) for c in palette],
             train_size=tuple(data["train_size"]),
             mean=tuple(data["mean"]),
             std=tuple(data["std"]),

@@ -91,11 +91,26 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _labels(name: str) -> Callable:
+    """Lazy hook into dcfm.labels.cli (export, render, report), so `dcfm --help` imports nothing heavy."""
+    def call(arg: argparse.Namespace | argparse.ArgumentParser):
+        from dcfm.labels import cli
+
+        return getattr(cli, name)(arg)
+    return call
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "synth": Subcommand("generate a procedural labelled video corpus", _add_synth, _run_synth),
     "segment": Subcommand("segment every frame of a video corpus on Ray (Parquet outputs)", _add_segment, _run_segment),
     "train": Subcommand("train DCFM on symmetric frame pairs with Ray Train (checkpoints local or s3://)", _add_train, _run_train),
     "evaluate": Subcommand("score a checkpoint on labelled videos: mIoU, wIoU, VC8/16, ms per key/non-key frame", _add_evaluate, _run_evaluate),
+    "export": Subcommand("export committed masks for labelling tools (cvat: Segmentation mask 1.1 zips)",
+                         _labels("add_export_arguments"), _labels("run_export")),
+    "render": Subcommand("overlay MP4, contact sheet and timeline of one segmented video",
+                         _labels("add_render_arguments"), _labels("run_render")),
+    "report": Subcommand("one self-contained HTML page about a segment output", _labels("add_report_arguments"),
+                         _labels("run_report")),
 }
 
 

@@ -7,7 +7,9 @@
 4. runs the segment job (Ray Data, local Ray) on the held-out videos into OUTPUT/segment (Parquet) and scores
    its masks against the synthetic ground truth;
 5. compares keyframe intervals and both reuse modes on the held-out videos: mIoU, VC8, label-free
-   consistency and frames/s.
+   consistency and frames/s;
+6. exports the masks for CVAT (with a review queue), renders the first held-out video (overlay MP4, contact
+   sheet, timeline) and writes the HTML report, and prints where they are.
 """
 
 from __future__ import annotations
@@ -69,6 +71,29 @@ def _split_by_hand(root: Path, train_ids: list[str], held_out_ids: list[str]) ->
         path.write_text(json.dumps(data, indent=2))
 
 
+def look_at(output: Path) -> None:
+    """`dcfm export cvat`, `dcfm render` and `dcfm report` on the segment job's output."""
+    from dcfm.labels.committed import committed_videos
+    from dcfm.labels.cvat import CvatExportConfig, export_cvat
+    from dcfm.labels.render import RenderConfig, render_video
+    from dcfm.labels.report import ReportConfig, write_report
+
+    segment, renders, quiet = str(output / "segment"), str(output / "renders"), lambda line: None
+    print(f"\n[demo] dcfm export cvat {segment} --to {output / 'cvat'} --review 10")
+    exported = export_cvat(CvatExportConfig(segment, str(output / "cvat"), review=10), log=quiet)
+    video_id = committed_videos(segment)[0].video_id
+    print(f"[demo] dcfm render {segment} {video_id} --to {renders}")
+    result = render_video(RenderConfig(segment, video_id, renders), log=quiet)
+    print(f"[demo] dcfm report {segment} --to {output / 'report.html'} --renders {renders}")
+    report = write_report(ReportConfig(segment, str(output / "report.html"), renders=renders), log=quiet)
+    print(f"[demo] CVAT zips:      {', '.join(e.zip_uri for e in exported)}")
+    print(f"[demo] overlay video:  {result.overlay_mp4}")
+    print(f"[demo] overlay still:  {result.overlay_png}")
+    print(f"[demo] contact sheet:  {result.contact_sheet}")
+    print(f"[demo] timeline:       {result.timeline}")
+    print(f"[demo] HTML report:    {report}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("demo-data"))
@@ -127,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {k} | {mode.value} | {report.scores.miou:.3f} | {report.scores.fwiou:.3f} | {report.vc[8]:.3f} | "
                 f"{report.label_change_rate:.3f} | {agree} | {report.keyframes}/{report.frames} | {report.fps:.1f} |"
             )
+    look_at(args.output)
     print(f"\n[demo] done in {time.perf_counter() - t0:.0f}s; outputs in {args.output}")
     return 0
 

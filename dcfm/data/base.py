@@ -22,9 +22,8 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
+from dcfm.classes import Palette
 from dcfm.data import IGNORE_INDEX
-
-Palette = list[tuple[int, int, int]]
 
 
 @dataclass(frozen=True)

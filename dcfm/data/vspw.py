@@ -8,10 +8,11 @@ with a mask labelled.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
+from dcfm.classes import voc_colormap
 from dcfm.data.base import (ClipSet, LabelledVideo, Palette, PairDataset, PairRef, check_delta, frame_key, lut,
                             nonempty, pick_neighbour)
 
@@ -58,11 +59,8 @@ computer printer Mobile_phone keyboard other_electronic_product fruit food instr
 _VSPW_LUT = lut({v: v - 1 for v in range(1, 125)})
 
 
-def _voc_colormap(indices: Iterable[int]) -> Palette:
-    """PASCAL-VOC bit-interleaved colours; VSPW ships no per-class palette, so this is for display only."""
-    def channel(i: int, k: int) -> int:
-        return sum(((i >> (3 * j + k)) & 1) << (7 - j) for j in range(8))
-    return [(channel(i, 0), channel(i, 1), channel(i, 2)) for i in indices]
+# VSPW ships no per-class palette; VOC colour-map entries (by VSPW id) are for display only.
+VSPW_PALETTE: Palette = voc_colormap(range(1, 125))
 
 
 class VSPWPairs(PairDataset):
@@ -100,7 +98,7 @@ class VSPWPairs(PairDataset):
                 refs.append(PairRef(vid, lab, u, str(origin / f"{m.stem}.jpg"),
                                     str(origin / f"{frames[u]}.jpg"), str(m)))
         super().__init__(nonempty(refs, self.root, f"VSPW split {split!r}"), VSPW_CLASSES,
-                         _voc_colormap(range(1, 125)))
+                         VSPW_PALETTE)
 
     def map_label(self, raw: np.ndarray, ref: PairRef) -> np.ndarray:
         return _VSPW_LUT[raw]

@@ -15,6 +15,7 @@ from dcfm import storage
 from dcfm.checkpoint import read_card
 from dcfm.decode import probe_video
 from dcfm.errors import ExitCode, SettingsConflict
+from dcfm.progress import ProgressBar
 from dcfm.segment.actor import ActorSettings, ChunkSegmenter, ChunkSummary
 from dcfm.segment.config import SegmentJobConfig
 from dcfm.segment.outputs import OutputLayout
@@ -184,7 +185,8 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
             setattr(summary, video["status"], getattr(summary, video["status"]) + 1)
             summary.rows.append(video)
             del states[chunk.video_id]
-        progress.update(summary)
+        progress.update(summary, chunk)
+    progress.bar.close()
     summary.seconds = time.perf_counter() - t0
     if states:  # cannot happen unless Ray dropped rows; refuse to pretend the job finished
         raise RuntimeError(f"the pipeline ended with {len(states)} videos incomplete: {sorted(states)[:5]}")
@@ -225,13 +227,21 @@ class _Progress:
     def __init__(self, log: Callable[[str], None], interval: float, videos: int) -> None:
         self.log, self.interval, self.videos = log, interval, videos
         self.start = self.last = time.perf_counter()
+        self.bar = ProgressBar("segment", None, unit="chunks")  # live only on a terminal
+        self.chunks_of: dict[str, int] = {}
 
-    def update(self, s: JobSummary) -> None:
+    def update(self, s: JobSummary, chunk: ChunkSummary) -> None:
         now = time.perf_counter()
+        # Chunks of the videos not seen yet are estimated from those seen, for the bar's ETA.
+        self.chunks_of[chunk.video_id] = max(1, chunk.num_chunks)
+        total = round(sum(self.chunks_of.values()) * self.videos / len(self.chunks_of))
+        self.bar.update(s.chunks, f"{s.frames} frames ({s.frames / max(now - self.start, 1e-9):.1f}/s), "
+                                  f"{s.ok + s.empty + s.failed}/{self.videos} videos", total=max(total, s.chunks))
         if now - self.last < self.interval:
             return
         self.last = now
         done = s.ok + s.empty + s.failed
+        self.bar.close()  # the log line goes on a line of its own; the bar redraws below it
         self.log(f"[segment] {done}/{self.videos} videos committed, {s.chunks} chunks, {s.frames} frames, "
                  f"{s.frames / (now - self.start):.1f} frames/s")
 

@@ -179,6 +179,8 @@ def _fit(config: TrainJobConfig):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from dcfm.progress import RemoteProgress
+
     if not ray.is_initialized():
         ray.init(address=config.ray_address, log_to_driver=True)
     storage_path, name = config.storage_path_and_name
@@ -197,4 +199,8 @@ def _fit(config: TrainJobConfig):
             logging_config=LoggingConfig(log_level="WARNING"),  # our own lines say what Ray's INFO lines would
         ),
     )
-    return trainer.fit()
+    progress = RemoteProgress(config.output, "train", config.steps, "steps")  # live only on a terminal
+    try:
+        return trainer.fit()
+    finally:
+        progress.close()

@@ -34,6 +34,7 @@ from dcfm.checkpoint import CheckpointError, ModelCard, load_checkpoint
 from dcfm.losses import LossWeights
 from dcfm.model import DCFM, DCFMConfig
 from dcfm.train.config import TrainJobConfig
+from dcfm.progress import tell_progress
 from dcfm.train.data import PairStream, open_training_pairs, shard_refs
 from dcfm.train.state import (TrainState, load_optimizer_tensors, read_train_state, restore_optimizer,
                               save_training_checkpoint)
@@ -184,6 +185,8 @@ def _train(config: TrainJobConfig, run: _Setup, rank: int, world: int, device: t
         torch.manual_seed(_step_seed(config.seed, rank, step))  # dropout: reproducible across resumes
         window.add(train_step(run.network, run.optimizer, batch, run.weights))
         state.step = step + 1
+        if rank == 0:
+            tell_progress(config.output, state.step)
         if after_step is not None:
             after_step(state.step, last_saved)
         save_now = state.step % config.checkpoint_every == 0 or state.step == config.steps
