@@ -45,16 +45,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-resolution", choices=["source", "model"], default="source",
                    help="write masks at the video's resolution (default) or the model's")
     p.add_argument("--batch-size", type=positive_int, default=8, help="frames per model batch within a chunk")
-    p.add_argument("--actors", type=_actors, default=(1, 1), metavar="MIN[,MAX]",
-                   help="actor pool size; autoscales between MIN and MAX (default 1)")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (1 on a GPU cluster)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor (also its torch threads)")
+    p.add_argument("--actors", type=_actors, default=None, metavar="MIN[,MAX]",
+                   help="actor pool size; autoscales between MIN and MAX (default: what the cluster holds: "
+                        "one per GPU, or CPUs / --cpus-per-actor without GPUs)")
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="GPUs per actor (default 1 if the cluster has GPUs, else 0)")
+    p.add_argument("--cpus-per-actor", type=float, default=None,
+                   help="CPUs per actor, also its torch threads (default: with GPUs, the CPUs divided among "
+                        "the GPU actors; without, 1, or 2 from 8 CPUs up)")
     p.add_argument("--probe-concurrency", type=positive_int, default=4, metavar="N",
                    help="videos probed at once, ahead of the actors (default 4)")
     p.add_argument("--device", default="auto", help="auto (CUDA if the actor has a GPU), cpu or cuda")
     p.add_argument("--overwrite", action="store_true", help="redo committed videos")
     p.add_argument("--retry-failed", action="store_true", help="redo videos committed as failed")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (videos, chunks, frames) and stop")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (videos, chunks, frames, actors and their resources) and stop")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
 
@@ -71,8 +76,8 @@ def config_from_args(args: argparse.Namespace):
         resolution=args.resolution,
         mask_resolution=args.mask_resolution,
         batch_size=args.batch_size,
-        min_actors=args.actors[0],
-        max_actors=args.actors[1],
+        min_actors=args.actors[0] if args.actors else None,
+        max_actors=args.actors[1] if args.actors else None,
         gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor,
         probe_concurrency=args.probe_concurrency,
