@@ -322,17 +322,19 @@ def test_readme_polars_query_runs_on_real_output(clean_run) -> None:
 
 
 def test_chunks_of_one_video_run_on_several_actors(ray_local, checkpoint, tmp_path) -> None:
-    video = write_test_video(tmp_path / "long.mp4", 64, (32, 64), gop=2)
+    # Enough chunks that the second actor, which may finish loading its model a moment after the first,
+    # still finds chunks waiting.
+    video = write_test_video(tmp_path / "long.mp4", 128, (32, 64), gop=2)
     out = tmp_path / "out"
     summary = run_segment_job(job([video], out, checkpoint, chunk_frames=8, min_actors=2, max_actors=2,
                                   cpus_per_actor=1))
-    assert summary.ok == 1 and summary.chunks == 8
+    assert summary.ok == 1 and summary.chunks == 16
     # Two actor processes computed chunks of the one video, and the run manifest names them.
     assert len(summary.actors) == 2 and all(a["chunks"] >= 1 for a in summary.actors.values())
     (manifest,) = (out / "runs" / summary.run_id).glob("*.json")
     assert json.loads(manifest.read_text())["actors"].keys() == summary.actors.keys()
     assert all(key.split(":")[1].isdigit() for key in summary.actors)
-    clean = run_segment_job(job([video], tmp_path / "one", checkpoint, chunk_frames=64, min_actors=1,
+    clean = run_segment_job(job([video], tmp_path / "one", checkpoint, chunk_frames=128, min_actors=1,
                                 max_actors=1, cpus_per_actor=1))
     assert clean.chunks == 1 and frame_rows(str(out)) == frame_rows(str(tmp_path / "one"))
 

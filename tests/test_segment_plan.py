@@ -92,7 +92,7 @@ def test_defaults_fill_the_cluster() -> None:
     big = resolve_resources(base, cluster_cpus=32, cluster_gpus=0)
     assert (big.min_actors, big.cpus_per_actor) == (16, 2)
     gpu = resolve_resources(base, cluster_cpus=64, cluster_gpus=8)
-    assert (gpu.min_actors, gpu.max_actors, gpu.cpus_per_actor, gpu.gpus_per_actor) == (8, 8, 8, 1)
+    assert (gpu.min_actors, gpu.max_actors, gpu.cpus_per_actor, gpu.gpus_per_actor) == (8, 8, 7, 1)
     assert "8 actors" in gpu.reason
     given = SegmentJobConfig(["a"], "out", "ckpt", min_actors=1, max_actors=3, cpus_per_actor=2)
     explicit = resolve_resources(given, cluster_cpus=2, cluster_gpus=0)

@@ -14,7 +14,8 @@ exit status:
   2  bad command line, or settings that differ from the run already committed in OUTPUT
   3  the job itself failed (cluster, checkpoint, output not writable); rerun the same command to resume
 
-Rerunning a command resumes: committed videos are skipped and nothing is rewritten. S3 credentials and
+Rerunning a command resumes: committed videos are skipped and nothing is rewritten; of a video that was
+interrupted, the chunks already staged are reused and only the missing ones computed. S3 credentials and
 endpoint come from the standard AWS chain (AWS_* environment variables, profiles, instance roles).
 """
 
@@ -52,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPUs per actor (default 1 if the cluster has GPUs, else 0)")
     p.add_argument("--cpus-per-actor", type=float, default=None,
                    help="CPUs per actor, also its torch threads (default: with GPUs, the CPUs divided among "
-                        "the GPU actors; without, 1, or 2 from 8 CPUs up)")
+                        "the GPU actors less one for probes; without, 1, or 2 from 8 CPUs up)")
     p.add_argument("--probe-concurrency", type=positive_int, default=4, metavar="N",
                    help="videos probed at once, ahead of the actors (default 4)")
     p.add_argument("--device", default="auto", help="auto (CUDA if the actor has a GPU), cpu or cuda")

@@ -114,16 +114,19 @@ def resolve_resources(config: SegmentJobConfig, cluster_cpus: float, cluster_gpu
     """Fill in what the command line left open so the pool fills the cluster.
 
     GPUs present: one actor per GPU (``--gpus-per-actor 1``) with an equal share of the CPUs (they decode,
-    resize and build masks for it). No GPUs: one actor per CPU (two CPUs per actor from 8 CPUs up).
+    resize and build masks for it), less one CPU for the probes from shares of 4 up. No GPUs: one actor per CPU (two CPUs per actor from 8 CPUs up).
     Explicit settings win.
     """
     gpus = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if cluster_gpus >= 1 else 0.0)
     why = []
     if gpus > 0:
         slots = max(1, int(cluster_gpus // gpus)) if cluster_gpus else 1
-        cpus = config.cpus_per_actor or max(1.0, float(int(cluster_cpus // slots)))
+        share = int(cluster_cpus // slots)
+        # One CPU of each share stays free for the probes and the OS when the share is big enough to spare it.
+        cpus = config.cpus_per_actor or float(max(1, share - 1 if share >= 4 else share))
         if config.cpus_per_actor is None:
-            why.append(f"{cpus:g} CPUs per actor = {cluster_cpus:g} CPUs / {slots} GPU actors")
+            why.append(f"{cpus:g} CPUs per actor: {cluster_cpus:g} CPUs / {slots} GPU actors"
+                       f"{', less one for probes' if share >= 4 else ''}")
     else:
         cpus = config.cpus_per_actor or (1.0 if cluster_cpus < _SMALL_CPU_NODE else 2.0)
         slots = max(1, int(cluster_cpus // cpus))
