@@ -4,12 +4,13 @@
 
 Sources: synthetic street footage (dcfm.synth) rendered at each size and encoded as H.264 (CRF 18).
 
-1. Post-processing, one thread, per frame, 19 classes, logits at stride 4 of a 512x1024 model (128x256):
+1. Post-processing, one thread, per frame, 19 classes, for a model run at 512x1024:
    * before: ``upsample_logits`` of each keyframe's logits, sum, softmax, max/argmax (what ClipSegmenter did);
    * after:  ``dcfm.labels.frame_labels`` on the summed logits (what it does now).
-   Two kinds of logits: "labels" = the synthetic ground truth at 128x256 as one-hot x 4 plus noise, smoothed
-   (shaped like a trained model's output: regions with soft borders); "random" = a random-weights ResNet-18
-   DCFM at 512x1024 on the decoded frames (noisy: the worst case for the region shortcut). Reported: ms
+   Two kinds of logits: "labels" = the synthetic ground truth at 128x256 (stride 4, as PVTv2/SegFormer heads
+   give) as one-hot x 4 plus noise, smoothed (shaped like a trained model's output: regions with soft
+   borders); "random" = a random-weights ResNet-18 DCFM on the decoded frames (stride 8: 64x128; what an
+   untrained model gives, few classes). Reported: ms
    per frame, pixels that differ from the before masks, |confidence difference|.
 2. Ceiling: ``ChunkSegmenter.run`` on one chunk of each source with a model that costs nothing (logits are
    a fixed projection of the average-pooled frame), masks at source size, everything else real: decode in
@@ -79,7 +80,7 @@ def postprocess_table(sources: dict[str, tuple[Path, list[np.ndarray]]], frames:
     torch.manual_seed(0)
     model = DCFM(DCFMConfig("resnet18", num_classes=CLASSES)).eval()
     rng = np.random.default_rng(0)
-    print("\n## post-processing per frame, 1 thread, 19 classes, logits 128x256 (model 512x1024)")
+    print("\n## post-processing per frame, 1 thread, 19 classes, model at 512x1024")
     print("| source | logits | keyframes summed | before ms | after ms | speed-up | pixels differing | max abs confidence diff |")
     print("|---|---|---|---|---|---|---|---|")
     import av
