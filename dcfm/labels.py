@@ -109,13 +109,15 @@ def frame_labels(
         labels = fast_argmax(logits, rows, cols, dtype)
     stride = stat_stride(size)
     grid_rows, grid_cols = _subsample(rows, stride), _subsample(cols, stride)
-    sampled = _interpolate_at(logits, grid_rows, grid_cols)
-    confidence = float(torch.softmax(sampled, dim=0).amax(dim=0).mean())
     agreement = None
-    if pair is not None:
-        first = _interpolate_at(pair[0].float(), grid_rows, grid_cols).argmax(0)
-        other = _interpolate_at(pair[1].float(), grid_rows, grid_cols).argmax(0)
-        agreement = float((first == other).float().mean())
+    if pair is None:
+        sampled = _interpolate_at(logits, grid_rows, grid_cols)
+    else:
+        first = _interpolate_at(pair[0].float(), grid_rows, grid_cols)
+        other = _interpolate_at(pair[1].float(), grid_rows, grid_cols)
+        sampled = first + other  # interpolation is linear: the sum's, up to float rounding
+        agreement = float((_first_argmax(first[None]) == _first_argmax(other[None])).float().mean())
+    confidence = float(torch.softmax(sampled, dim=0).amax(dim=0).mean())
     return FrameLabels(labels, confidence, agreement)
 
 
@@ -180,6 +182,15 @@ def fast_argmax(
     col_start = np.searchsorted(x0, np.arange(w))
     sy, sx = int(row_count.max()), int(col_count.max())
     table = torch.from_numpy(values)
+    # Classes that can win somewhere in a cell (see below), counted for all mixed cells: when there are so
+    # many that interpolating them costs more than upsampling everything (logits with many near-equal
+    # classes), upsample everything.
+    ti, tj = torch.from_numpy(mixed_i), torch.from_numpy(mixed_j)
+    bi, rj = torch.from_numpy(down[mixed_i]), torch.from_numpy(right[mixed_j])
+    corners = torch.stack([table[:, ti, tj], table[:, ti, rj], table[:, bi, tj], table[:, bi, rj]])
+    candidates = int((corners.amax(dim=0) >= corners.amin(dim=0).amax(dim=0)).sum())
+    if candidates * sy * sx > _MAX_MIXED * c * len(y0) * len(x0):
+        return _direct_argmax(logits, (len(y0), len(x0)), dtype)
     flat = labels.reshape(-1)
     width = labels.shape[1]
     for first in range(0, len(mixed_i), cells_per_batch):
