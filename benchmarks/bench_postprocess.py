@@ -6,7 +6,7 @@ Sources: synthetic street footage (dcfm.synth) rendered at each size and encoded
 
 1. Post-processing, one thread, per frame, 19 classes, for a model run at 512x1024:
    * before: ``upsample_logits`` of each keyframe's logits, sum, softmax, max/argmax (what ClipSegmenter did);
-   * after:  ``dcfm.labels.frame_labels`` on the summed logits (what it does now).
+   * after:  ``dcfm.postprocess.frame_labels`` on the summed logits (what it does now).
    Two kinds of logits: "labels" = the synthetic ground truth at 128x256 (stride 4, as PVTv2/SegFormer heads
    give) as one-hot x 4 plus noise, smoothed (shaped like a trained model's output: regions with soft
    borders); "random" = a random-weights ResNet-18 DCFM on the decoded frames (stride 8: 64x128; what an
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcfm.labels import frame_labels
+from dcfm.postprocess import frame_labels
 from dcfm.model import DCFM, DCFMConfig, upsample_logits
 from dcfm.synth import SynthConfig, render_video
 from dcfm.video import write_video

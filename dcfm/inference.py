@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dcfm.labels import frame_labels
+from dcfm.postprocess import frame_labels
 from dcfm.model import DCFM, IMAGENET_MEAN, IMAGENET_STD, upsample_logits
 
 
@@ -298,7 +298,7 @@ class ClipSegmenter:
     def _frame_result(
         self, frame: _Frame, refs: list[_Keyframe], per_ref: torch.Tensor, output_size: tuple[int, int]
     ) -> FrameResult:
-        # Upsampling is linear: the sum over keyframes is upsampled once (see dcfm.labels for the rest).
+        # Upsampling is linear: the sum over keyframes is upsampled once (see dcfm.postprocess for the rest).
         total = per_ref.sum(dim=0)
         post = frame_labels(total, output_size, self._label_dtype, pair=(per_ref[0], per_ref[1]) if len(refs) == 2 else None)
         return FrameResult(

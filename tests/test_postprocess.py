@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dcfm.labels import frame_labels, stat_stride
+from dcfm.postprocess import frame_labels, stat_stride
 from dcfm.model import upsample_logits
 
 
@@ -78,7 +78,7 @@ def test_device_path_gives_the_reference_and_syncs_once_per_block() -> None:
     """The CUDA path (plain upsample on the device, statistics left as tensors, one transfer per block),
     run here on CPU tensors: same labels and statistics as the reference."""
     from dcfm.inference import FrameResult, _to_host
-    from dcfm.labels import _frame_labels_device
+    from dcfm.postprocess import _frame_labels_device
 
     size = (40, 72)
     results = []

@@ -10,7 +10,7 @@ is the argmax of every convex combination of them, so all output pixels of that 
 without interpolating anything. Only cells whose corners disagree (class boundaries, a few percent of
 cells on real footage) are interpolated, and only their own pixels. The labels equal the reference's
 except where two classes tie to within float rounding (the reference's own result there depends on its
-kernel's summation order); ``tests/test_labels.py`` checks this.
+kernel's summation order); ``tests/test_postprocess.py`` checks this.
 
 ``confidence`` (mean over pixels of the max softmax probability) and ``agreement`` (fraction of pixels
 where two logit maps have the same argmax) are frame statistics. They are computed exactly at the pixels
