@@ -20,25 +20,29 @@ import torch
 from dcfm.model import DCFM, DCFMConfig, upsample_logits
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, oneDNN kernel selection
+def median_seconds(fn, repeats: int, device: torch.device = torch.device("cpu")) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()  # warm-up: allocator, oneDNN/cuDNN kernel selection
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()  # CUDA runs asynchronously: time the work, not the launch
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def bench(backbone: str, size: tuple[int, int], repeats: int, classes: int) -> dict[str, float]:
-    model = DCFM(DCFMConfig(backbone=backbone, num_classes=classes)).eval()
-    image = torch.randn(1, 3, *size)
+def bench(backbone: str, size: tuple[int, int], repeats: int, classes: int,
+          device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    model = DCFM(DCFMConfig(backbone=backbone, num_classes=classes)).eval().to(device)
+    image = torch.randn(1, 3, *size, device=device)
     with torch.inference_mode():
         key = model.forward_keyframe(image)
         term = model.fusion.keyframe_term(key.common)
-        t_key = median_seconds(lambda: model.forward_keyframe(image), repeats)
-        t_nonkey = median_seconds(lambda: model.logits_from_term(term, model.independent(image)), repeats)
-        t_post = median_seconds(lambda: upsample_logits(key.logits, size)[0].softmax(0).max(0), repeats)
+        t_key = median_seconds(lambda: model.forward_keyframe(image), repeats, device)
+        t_nonkey = median_seconds(lambda: model.logits_from_term(term, model.independent(image)), repeats, device)
+        t_post = median_seconds(lambda: upsample_logits(key.logits, size)[0].softmax(0).max(0), repeats, device)
     return {"key": t_key, "nonkey": t_nonkey, "post": t_post}
 
 
@@ -48,15 +52,17 @@ def main() -> None:
     parser.add_argument("--sizes", default="256x512,512x1024")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--classes", type=int, default=19)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device cpu, batch 1, {args.classes} classes")
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}, batch 1, {args.classes} classes")
     header = "| backbone | size | key ms | non-key ms | non-key/key | post ms | avg ms/frame k=2 (incl. post) | k=6 |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for backbone in args.backbones.split(","):
         for text in args.sizes.split(","):
             h, w = (int(v) for v in text.split("x"))
-            t = bench(backbone, (h, w), args.repeats, args.classes)
+            t = bench(backbone, (h, w), args.repeats, args.classes, device)
             avg = {k: (t["key"] + (k - 1) * t["nonkey"]) / k + t["post"] for k in (2, 6)}
             print(
                 f"| {backbone} | {h}x{w} | {t['key'] * 1e3:.1f} | {t['nonkey'] * 1e3:.1f} | "

@@ -127,6 +127,13 @@ def _seek_points(probe: VideoProbe, start: int) -> list[int]:
     return [k for k in reversed(probe.keyframes) if 0 < k <= start][:_MAX_SEEKS]
 
 
+def seek_start(probe: VideoProbe, start: int) -> int:
+    """The frame ``decode_range(..., start, ...)`` starts decoding from: the latest seek point at or before
+    ``start``, or 0 (the top of the file) if there is none."""
+    points = _seek_points(probe, start)
+    return points[0] if points else 0
+
+
 @dataclass
 class DecodedFrame:
     """One decoded frame: display index in the whole video, pts, time in seconds, RGB (H, W, 3) uint8."""

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dcfm.postprocess import frame_labels
 from dcfm.model import DCFM, IMAGENET_MEAN, IMAGENET_STD, upsample_logits
 
 
@@ -290,24 +291,34 @@ class ClipSegmenter:
             per_ref = logits[offset : offset + len(refs)]
             offset += len(refs)
             results.append(self._frame_result(frame, refs, per_ref, output_size))
+        if self.device.type != "cpu":
+            results = _to_host(results, self._label_dtype)
         return results
 
     def _frame_result(
         self, frame: _Frame, refs: list[_Keyframe], per_ref: torch.Tensor, output_size: tuple[int, int]
     ) -> FrameResult:
-        # Upsample frame by frame: a batch of full-resolution logits is the largest tensor in the pipeline.
-        upsampled = upsample_logits(per_ref, output_size)
-        total = upsampled.sum(dim=0)
-        agreement = None
-        if len(refs) == 2:
-            agreement = (upsampled[0].argmax(0) == upsampled[1].argmax(0)).float().mean().item()
-        confidence, labels = total.softmax(dim=0).max(dim=0)
+        # Upsampling is linear: the sum over keyframes is upsampled once (see dcfm.postprocess for the rest).
+        total = per_ref.sum(dim=0)
+        post = frame_labels(total, output_size, self._label_dtype, pair=(per_ref[0], per_ref[1]) if len(refs) == 2 else None)
         return FrameResult(
             index=frame.index,
-            labels=labels.to(torch.int32).cpu().numpy().astype(self._label_dtype),
+            labels=post.labels,  # type: ignore[arg-type]  # a device tensor until _to_host
             is_keyframe=frame.is_keyframe,
             keyframes=tuple(ref.index for ref in refs),
-            confidence=confidence.mean().item(),
-            agreement=agreement,
-            logits=total.cpu() if self.config.return_logits else None,
+            confidence=post.confidence,  # type: ignore[arg-type]
+            agreement=post.agreement,  # type: ignore[arg-type]
+            logits=upsample_logits(total[None], output_size)[0].cpu() if self.config.return_logits else None,
         )
+
+
+def _to_host(results: list[FrameResult], dtype: np.dtype) -> list[FrameResult]:
+    """Move a block's device labels (as uint8/uint16) and statistics to the host in one transfer each."""
+    small = torch.uint8 if dtype == np.uint8 else torch.int32
+    labels = torch.stack([r.labels for r in results]).to(small).cpu().numpy().astype(dtype, copy=False)  # type: ignore[misc]
+    stats = torch.stack([torch.stack([r.confidence, r.agreement if r.agreement is not None else r.confidence])  # type: ignore[misc]
+                         for r in results]).float().cpu().tolist()
+    for r, mask, (confidence, agreement) in zip(results, labels, stats):
+        r.labels, r.confidence = mask, confidence
+        r.agreement = agreement if r.agreement is not None else None
+    return results

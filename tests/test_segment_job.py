@@ -29,7 +29,7 @@ from dcfm.segment.config import SegmentJobConfig
 from dcfm.segment.job import run_segment_job
 from dcfm.synth import SynthConfig, generate_corpus
 from dcfm.sources import expand_inputs
-from tests.videos import write_audio_only, write_bframe_video, write_vfr_video
+from tests.videos import write_audio_only, write_bframe_video, write_test_video, write_vfr_video
 
 pytestmark = pytest.mark.slow
 
@@ -38,13 +38,15 @@ H, W = 32, 64  # model resolution
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, Path]:
-    """Good videos: two synth clips, an H.264 file with B-frames, a VFR file and a 3-frame clip."""
+    """Good videos: two synth clips, an H.264 file with B-frames, a VFR file, a 3-frame clip and one with a
+    seek point every 2 frames (so small chunks are not merged)."""
     root = tmp_path_factory.mktemp("corpus")
     generate_corpus(root / "synth", SynthConfig(videos=2, frames=13, height=48, width=96, seed=3))
     videos = {p.stem: p for p in sorted((root / "synth" / "videos").glob("*.mp4"))}
     videos["bframes"] = write_bframe_video(root / "bframes.mp4", frames=21, size=(40, 72))
     videos["vfr"] = write_vfr_video(root / "vfr.mp4", frames=11, size=(32, 48))
     videos["short"] = write_bframe_video(root / "short.mp4", frames=3, size=(32, 48))
+    videos["gop2"] = write_test_video(root / "gop2.mp4", 26, (32, 64), gop=2)
     return videos
 
 
@@ -166,7 +168,10 @@ def test_run_manifest_records_settings_counts_and_where_the_time_went(clean_run,
     assert manifest["checkpoint_digest"] == read_card(checkpoint)[1]
     assert manifest["config"]["chunk_frames"] == 4 and manifest["packages"]["torch"] == metadata.version("torch")
     assert manifest["counts"] == {"inputs": len(corpus), "ok": len(corpus), "empty": 0, "failed": 0, "skipped": 0,
-                                  "chunks": summary.chunks, "frames": summary.frames}
+                                  "chunks": summary.chunks, "reused_chunks": 0, "frames": summary.frames}
+    # The defaults filled the 2-CPU cluster: two actors of one CPU each.
+    assert manifest["resources"]["min_actors"] == manifest["resources"]["max_actors"] == 2
+    assert sum(a["chunks"] for a in manifest["actors"].values()) == summary.chunks
     timings = manifest["timings"]
     stages = timings["actor_s"]
     # The actors' time splits into its stages (set-up outside them is small), all within the job's wall time.
@@ -314,3 +319,56 @@ def test_readme_polars_query_runs_on_real_output(clean_run) -> None:
             totals[c["class_id"]] = totals.get(c["class_id"], 0) + c["pixels"]
     assert dict(zip(share["class_id"].to_list(), share["pixels"].to_list())) == totals
     assert sum(share["share"].to_list()) == pytest.approx(1.0)
+
+
+def test_chunks_of_one_video_run_on_several_actors(ray_local, checkpoint, tmp_path) -> None:
+    # Enough chunks that the second actor, which may finish loading its model a moment after the first,
+    # still finds chunks waiting.
+    video = write_test_video(tmp_path / "long.mp4", 128, (32, 64), gop=2)
+    out = tmp_path / "out"
+    summary = run_segment_job(job([video], out, checkpoint, chunk_frames=8, min_actors=2, max_actors=2,
+                                  cpus_per_actor=1))
+    assert summary.ok == 1 and summary.chunks == 16
+    # Two actor processes computed chunks of the one video, and the run manifest names them.
+    assert len(summary.actors) == 2 and all(a["chunks"] >= 1 for a in summary.actors.values())
+    (manifest,) = (out / "runs" / summary.run_id).glob("*.json")
+    assert json.loads(manifest.read_text())["actors"].keys() == summary.actors.keys()
+    assert all(key.split(":")[1].isdigit() for key in summary.actors)
+    clean = run_segment_job(job([video], tmp_path / "one", checkpoint, chunk_frames=128, min_actors=1,
+                                max_actors=1, cpus_per_actor=1))
+    assert clean.chunks == 1 and frame_rows(str(out)) == frame_rows(str(tmp_path / "one"))
+
+
+def test_killed_driver_reuses_staged_chunks(ray_local, checkpoint, tmp_path) -> None:
+    video = write_test_video(tmp_path / "long.mp4", 160, (32, 64), gop=2)
+    out = tmp_path / "killed"
+    command = [
+        sys.executable, "-m", "dcfm", "segment", str(video), "--output", str(out), "--checkpoint", checkpoint,
+        "-k", "2", "--chunk-frames", "8", "--actors", "1", "--cpus-per-actor", "1",
+    ]
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    staged = lambda: list(out.glob("_staging/*/*/part-*.json"))  # noqa: E731
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(staged()) < 10 and process.poll() is None:
+            time.sleep(0.1)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+    at_kill = len(staged())
+    assert 10 <= at_kill < 20, "the kill should land midway through the video's 20 chunks"
+    assert not list((out / "_commits").glob("*.json")) if (out / "_commits").exists() else True
+    summary = run_segment_job(job([video], out, checkpoint, chunk_frames=8))
+    assert summary.ok == 1 and summary.chunks == 20 and summary.reused_chunks == at_kill
+    (manifest,) = (out / "runs" / summary.run_id).glob("*.json")
+    assert json.loads(manifest.read_text())["counts"]["reused_chunks"] == at_kill
+    assert sum(a["chunks"] for a in summary.actors.values()) == 20 - at_kill
+    clean = tmp_path / "clean"
+    run_segment_job(job([video], clean, checkpoint, chunk_frames=8))
+    assert frame_rows(str(out)) == frame_rows(str(clean))
+    assert not list(out.glob("_staging/*/*/*"))

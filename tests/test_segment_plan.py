@@ -8,13 +8,15 @@ import pytest
 
 from dcfm.decode import VideoProbe
 from dcfm.inference import KeyframePolicy
-from dcfm.segment.config import SegmentJobConfig
-from dcfm.segment.plan import ChunkTask, chunk_bounds, lead_in_frames, plan_tasks
+from dcfm.segment.config import SegmentJobConfig, resolve_resources
+from dcfm.segment.plan import PREROLL_SHARE, ChunkTask, chunk_bounds, lead_in_frames, plan_chunks, plan_tasks
 
 
-def probe(n: int) -> VideoProbe:
+def probe(n: int, gop: int = 2) -> VideoProbe:
+    """A video of ``n`` frames with a seek point every ``gop`` frames (``gop=0``: frame 0 only)."""
     pts = tuple(range(0, 100 * n, 100))
-    return VideoProbe("v.mp4", n, pts, Fraction(1, 1000), 10.0, n / 10, "h264", 64, 32, keyframes=(0,))
+    keyframes = tuple(range(0, n, gop)) if gop else (0,)
+    return VideoProbe("v.mp4", n, pts, Fraction(1, 1000), 10.0, n / 10, "h264", 64, 32, keyframes=keyframes)
 
 
 def test_chunks_cover_every_frame_once() -> None:
@@ -45,11 +47,55 @@ def test_tasks_carry_lead_in_and_lookahead() -> None:
 def test_tasks_of_a_long_video_stay_small() -> None:
     n = 100_000
     long = VideoProbe("v.mp4", n, tuple(range(0, 100 * n, 100)), Fraction(1, 1000), 10.0, n / 10, "h264", 64, 32,
-                      keyframes=tuple(range(0, n, 250)))
+                      keyframes=tuple(range(0, n, 16)))
     tasks = plan_tasks("v", "v.mp4", long, chunk_frames=256, lead_in=2)
-    assert max(len(t.pts) for t in tasks) <= 256 + 1 + 2 + 2 * 250  # chunk, look-ahead, lead-in, two GOPs
+    assert len(tasks) == -(-n // 256)
+    assert max(len(t.pts) for t in tasks) <= 256 + 1 + 2 + 2 * 16  # chunk, look-ahead, lead-in, two GOPs
     last = tasks[-1].video_probe()
     assert last.timestamp_s(n - 1) == long.timestamp_s(n - 1) and last.index_of(long.pts[n - 1]) == n - 1
+
+
+def decoded_frames(video: VideoProbe, chunk_frames: int, lead_in: int) -> int:
+    """What decode_range decodes for every task: from its seek start to its decode stop."""
+    from dcfm.decode import seek_start
+
+    return sum(t.decode_stop - seek_start(video, t.lead_start)
+               for t in plan_tasks("v", "v.mp4", video, chunk_frames, lead_in))
+
+
+@pytest.mark.parametrize("gop", [0, 250, 1000])
+def test_sparse_seek_points_never_make_decoding_quadratic(gop) -> None:
+    n, chunk, lead = 20_000, 64, 6
+    video = probe(n, gop)
+    plan = plan_chunks(video, chunk, lead)
+    tasks = plan_tasks("v", "v.mp4", video, chunk, lead)
+    covered = [i for t in tasks for i in range(t.start, t.stop)]
+    assert covered == list(range(n))
+    # Pre-roll within budget; beyond it each chunk decodes only its lead-in and look-ahead frame.
+    assert decoded_frames(video, chunk, lead) == plan.decoded_frames
+    assert plan.decoded_frames <= (1 + PREROLL_SHARE) * n + len(tasks) * (lead + 1)
+    assert plan.note and ("sequential" in plan.note if gop == 0 else f"{len(tasks)} chunks" in plan.note)
+    if gop:  # chunks that start right after a seek point cost nothing: those are kept
+        assert len(tasks) >= n // (2 * gop)
+
+
+def test_dense_seek_points_keep_every_chunk() -> None:
+    plan = plan_chunks(probe(1000, gop=8), 64, 8)
+    assert len(plan.bounds) == len(chunk_bounds(1000, 64)) and plan.note == ""
+
+
+def test_defaults_fill_the_cluster() -> None:
+    base = SegmentJobConfig(["a"], "out", "ckpt")
+    cpu = resolve_resources(base, cluster_cpus=2, cluster_gpus=0)
+    assert (cpu.min_actors, cpu.max_actors, cpu.cpus_per_actor, cpu.gpus_per_actor) == (2, 2, 1, 0)
+    big = resolve_resources(base, cluster_cpus=32, cluster_gpus=0)
+    assert (big.min_actors, big.cpus_per_actor) == (16, 2)
+    gpu = resolve_resources(base, cluster_cpus=64, cluster_gpus=8)
+    assert (gpu.min_actors, gpu.max_actors, gpu.cpus_per_actor, gpu.gpus_per_actor) == (8, 8, 7, 1)
+    assert "8 actors" in gpu.reason
+    given = SegmentJobConfig(["a"], "out", "ckpt", min_actors=1, max_actors=3, cpus_per_actor=2)
+    explicit = resolve_resources(given, cluster_cpus=2, cluster_gpus=0)
+    assert (explicit.min_actors, explicit.max_actors, explicit.cpus_per_actor) == (1, 3, 2)
 
 
 def test_empty_video_is_one_pass_through_task() -> None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import queue
 import resource
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
 
@@ -47,6 +50,9 @@ class ActorSettings:
     batch_size: int
     device: str
     threads: int
+    # A staged chunk is reused by a later run only if that run has the same run id; False (--overwrite)
+    # recomputes it anyway.
+    reuse_staged: bool = True
 
 
 @dataclass
@@ -58,6 +64,8 @@ class ChunkSummary:
     chunk_index: int
     num_chunks: int
     status: str  # ok | failed | empty
+    start: int = 0
+    stop: int = 0
     frames: int = 0
     keyframes: int = 0
     confidence_sum: float = 0.0
@@ -76,6 +84,10 @@ class ChunkSummary:
     # Unix time the actor that ran this chunk had its model loaded. Wall clock, because the driver must
     # compare it with its own start; nodes of one cluster agree to well under a second (NTP).
     actor_ready_at: float = 0.0
+    # The actor that computed the chunk: Ray node id and process id.
+    node_id: str = ""
+    pid: int = 0
+    reused: bool = False  # staged by an earlier, interrupted run and reused as it was
     probe: dict | None = None
     error: dict | None = None
     extra: dict = field(default_factory=dict)
@@ -126,6 +138,15 @@ def prefetch(items: Iterable, depth: int) -> Iterator:
                 thread.join(timeout=0.05)
 
 
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # outside Ray (tests, benchmarks calling the actor directly)
+        return ""
+
+
 def encode_mask(labels: np.ndarray) -> bytes:
     """Single-channel PNG: 8-bit, or 16-bit for label maps above 256 classes."""
     image = Image.fromarray(labels if labels.dtype == np.uint8 else labels.astype(np.uint16))
@@ -156,6 +177,8 @@ class ChunkSegmenter:
         self.model = loaded.model
         self.card = loaded.card
         self.layout = OutputLayout(settings.output)
+        self.pid = os.getpid()
+        self.node_id = _node_id()
         self.ready_at = time.time()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
@@ -166,13 +189,18 @@ class ChunkSegmenter:
         """Segment one chunk; any failure becomes a failed summary, never an exception."""
         begin = time.perf_counter()
         base = ChunkSummary(
-            task.video_id, task.uri, task.chunk_index, task.num_chunks, status="ok",
-            probe=asdict(task.probe) if task.probe else None, actor_ready_at=self.ready_at,
+            task.video_id, task.uri, task.chunk_index, task.num_chunks, status="ok", start=task.start,
+            stop=task.stop, probe=asdict(task.probe) if task.probe else None, actor_ready_at=self.ready_at,
+            node_id=self.node_id, pid=self.pid, extra={"plan_note": task.plan_note} if task.plan_note else {},
         )
         if task.error is not None:
             return replace(base, status="failed", error=asdict(task.error))
         if task.chunk_index < 0:
             return replace(base, status="empty")
+        if task.staged and self.settings.reuse_staged:
+            reused = self._staged_summary(task)
+            if reused is not None:
+                return reused
         try:
             summary = self._segment(task, base)
         except VideoError as err:
@@ -188,6 +216,13 @@ class ChunkSegmenter:
         # ru_maxrss is the actor process's peak so far (KiB on Linux): memory stays bounded when it does not
         # grow with video length.
         summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if summary.status == "ok":
+            # Written after the chunk's Parquet file: its presence says the chunk is staged in full, so a
+            # rerun after a killed driver reuses it instead of recomputing it.
+            storage.write_bytes_atomic(
+                self.layout.staging_summary(self.settings.run_id, task.video_id, task.chunk_index),
+                summary.to_json().encode(),
+            )
         return summary
 
     def _segment(self, task: ChunkTask, summary: ChunkSummary) -> ChunkSummary:
@@ -221,14 +256,21 @@ class ChunkSegmenter:
         rows: dict[str, list] = {name: [] for name in output_schema("frames").file_schema.names}
         previous: np.ndarray | None = None
         loop_start = time.perf_counter()
-        for result in segmenter.segment(frames(), start_index=task.lead_start, lookahead_from=lookahead):
-            row_start = time.perf_counter()
-            if result.index >= task.start:
-                self._add_row(rows, task, result, previous, timestamps.pop(result.index), source_size, summary)
-            else:
-                timestamps.pop(result.index, None)
-            previous = result.labels
-            summary.rows_s += time.perf_counter() - row_start
+        # Masks (PNG), class counts and change rates are built in a thread beside the model (PNG encoding
+        # and numpy release the GIL), in frame order; rows_s is the time the model loop waited for them.
+        building: deque[Future] = deque()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcfm-rows") as builder:
+            for result in segmenter.segment(frames(), start_index=task.lead_start, lookahead_from=lookahead):
+                if result.index >= task.start:
+                    building.append(builder.submit(
+                        self._row_values, task, result, previous, timestamps.pop(result.index), source_size))
+                else:
+                    timestamps.pop(result.index, None)
+                previous = result.labels
+                while len(building) > 2 * s.batch_size or (building and building[0].done()):
+                    self._add_row(rows, building.popleft(), summary)
+            while building:
+                self._add_row(rows, building.popleft(), summary)
         summary.model_s = time.perf_counter() - loop_start - summary.rows_s - summary.decode_wait_s
         write_start = time.perf_counter()
         expected = task.stop - task.start
@@ -242,18 +284,28 @@ class ChunkSegmenter:
         summary.write_s = time.perf_counter() - write_start
         return summary
 
-    def _add_row(
+    def _staged_summary(self, task: ChunkTask) -> ChunkSummary | None:
+        """The summary an interrupted run staged for this chunk, if it is for the same frames."""
+        uri = self.layout.staging_summary(self.settings.run_id, task.video_id, task.chunk_index)
+        try:
+            data = json.loads(storage.read_bytes(uri))
+        except (FileNotFoundError, ValueError):
+            return None
+        staged = ChunkSummary(**data)
+        if (staged.start, staged.stop, staged.status) != (task.start, task.stop, "ok"):
+            return None  # staged with other chunk lengths: recompute
+        return replace(staged, reused=True, node_id=self.node_id, pid=self.pid, actor_ready_at=self.ready_at)
+
+    def _row_values(
         self,
-        rows: dict[str, list],
         task: ChunkTask,
         result: FrameResult,
         previous: np.ndarray | None,
         timestamp: float,
         source_size: tuple[int, int],
-        summary: ChunkSummary,
-    ) -> None:
+    ) -> dict:
         change = label_change_rate(previous, result.labels) if previous is not None else None
-        values = {
+        return {
             "video_uri": task.uri,
             "frame_index": result.index,
             "timestamp_s": timestamp,
@@ -271,14 +323,20 @@ class ChunkSegmenter:
             "run_id": self.settings.run_id,
             "model_digest": self.settings.model_digest,
         }
+
+    def _add_row(self, rows: dict[str, list], built: Future, summary: ChunkSummary) -> None:
+        waited = time.perf_counter()
+        values = built.result()
+        summary.rows_s += time.perf_counter() - waited
         for name, value in values.items():
             rows[name].append(value)
         summary.frames += 1
-        summary.keyframes += int(result.is_keyframe)
-        summary.confidence_sum += result.confidence
+        summary.keyframes += int(values["is_keyframe"])
+        summary.confidence_sum += values["confidence"]
+        change = values["label_change_rate"]
         if change is not None:
             summary.change_sum += change
             summary.change_count += 1
-        if result.agreement is not None:
-            summary.agreement_sum += result.agreement
+        if values["keyframe_agreement"] is not None:
+            summary.agreement_sum += values["keyframe_agreement"]
             summary.agreement_count += 1

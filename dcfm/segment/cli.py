@@ -14,7 +14,8 @@ exit status:
   2  bad command line, or settings that differ from the run already committed in OUTPUT
   3  the job itself failed (cluster, checkpoint, output not writable); rerun the same command to resume
 
-Rerunning a command resumes: committed videos are skipped and nothing is rewritten. S3 credentials and
+Rerunning a command resumes: committed videos are skipped and nothing is rewritten; of a video that was
+interrupted, the chunks already staged are reused and only the missing ones computed. S3 credentials and
 endpoint come from the standard AWS chain (AWS_* environment variables, profiles, instance roles).
 """
 
@@ -49,20 +50,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write masks at the video's resolution (source) or the model's (default %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=default("batch_size"),
                    help="frames per model batch within a chunk (default %(default)s)")
-    p.add_argument("--actors", type=_actors, default=(default("min_actors"), default("max_actors")),
-                   metavar="MIN[,MAX]", help="actor pool size; autoscales between MIN and MAX (default "
-                   f"{default('min_actors')},{default('max_actors')})")
+    p.add_argument("--actors", type=_actors, default=None, metavar="MIN[,MAX]",
+                   help="actor pool size; autoscales between MIN and MAX (default: what the cluster holds: "
+                        "one per GPU, or CPUs / --cpus-per-actor without GPUs)")
     p.add_argument("--gpus-per-actor", type=float, default=default("gpus_per_actor"),
-                   help="GPUs per actor (1 on a GPU cluster; default %(default)s)")
+                   help="GPUs per actor (default 1 if the cluster has GPUs, else 0)")
     p.add_argument("--cpus-per-actor", type=float, default=default("cpus_per_actor"),
-                   help="CPUs per actor (also its torch threads; default %(default)s)")
+                   help="CPUs per actor, also its torch threads (default: with GPUs, the CPUs divided among "
+                        "the GPU actors less one for probes; without, 1, or 2 from 8 CPUs up)")
     p.add_argument("--probe-concurrency", type=positive_int, default=default("probe_concurrency"), metavar="N",
                    help="videos probed at once, ahead of the actors (default %(default)s)")
     p.add_argument("--device", default=default("device"),
                    help="auto (CUDA if the actor has a GPU), cpu or cuda (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="redo committed videos")
     p.add_argument("--retry-failed", action="store_true", help="redo videos committed as failed")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (videos, chunks, frames) and stop")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (videos, chunks, frames, actors and their resources) and stop")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
 
@@ -79,8 +82,8 @@ def config_from_args(args: argparse.Namespace):
         resolution=args.resolution,
         mask_resolution=args.mask_resolution,
         batch_size=args.batch_size,
-        min_actors=args.actors[0],
-        max_actors=args.actors[1],
+        min_actors=args.actors[0] if args.actors else None,
+        max_actors=args.actors[1] if args.actors else None,
         gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor,
         probe_concurrency=args.probe_concurrency,

@@ -28,10 +28,11 @@ class SegmentJobConfig:
     resolution: tuple[int, int] | None = None  # (H, W) the model runs at; None = the checkpoint's train size
     mask_resolution: MaskResolution = MaskResolution.SOURCE
     batch_size: int = 8
-    min_actors: int = 1
-    max_actors: int = 1
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
+    # None: fill the cluster (see `resolve_resources`)
+    min_actors: int | None = None
+    max_actors: int | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float | None = None
     device: str = "auto"
     overwrite: bool = False
     retry_failed: bool = False
@@ -49,8 +50,16 @@ class SegmentJobConfig:
             raise ValueError("no inputs: pass video files, directories, globs, s3:// prefixes or a manifest")
         if self.chunk_frames < 1:
             raise ValueError(f"--chunk-frames must be >= 1, got {self.chunk_frames}")
-        if not 1 <= self.min_actors <= self.max_actors:
+        if self.min_actors is None and self.max_actors is not None:
+            self.min_actors = 1
+        if self.max_actors is None and self.min_actors is not None:
+            self.max_actors = self.min_actors
+        if self.min_actors is not None and not 1 <= self.min_actors <= (self.max_actors or 0):
             raise ValueError(f"--actors needs 1 <= MIN <= MAX, got {self.min_actors},{self.max_actors}")
+        if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
+            raise ValueError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise ValueError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
         if self.probe_concurrency < 1:
             raise ValueError(f"--probe-concurrency must be >= 1, got {self.probe_concurrency}")
 
@@ -78,3 +87,55 @@ class SegmentJobConfig:
         """Deterministic: rerunning the same command is the same run, so resumed rows equal a clean run's."""
         blob = json.dumps(self.row_settings(model_digest, resolution), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ActorResources:
+    """What the actor pool asks of the cluster, and why."""
+
+    min_actors: int
+    max_actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    reason: str
+
+    @property
+    def threads(self) -> int:
+        """torch threads per actor: its whole CPUs."""
+        return max(1, int(self.cpus_per_actor))
+
+
+# Without GPUs, actors of one CPU each up to this many CPUs; two each above (fewer model copies in memory,
+# and torch's intra-op threads still scale at two).
+_SMALL_CPU_NODE = 8
+
+
+def resolve_resources(config: SegmentJobConfig, cluster_cpus: float, cluster_gpus: float) -> ActorResources:
+    """Fill in what the command line left open so the pool fills the cluster.
+
+    GPUs present: one actor per GPU (``--gpus-per-actor 1``) with an equal share of the CPUs (they decode,
+    resize and build masks for it), less one CPU for the probes from shares of 4 up. No GPUs: one actor per CPU (two CPUs per actor from 8 CPUs up).
+    Explicit settings win.
+    """
+    gpus = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if cluster_gpus >= 1 else 0.0)
+    why = []
+    if gpus > 0:
+        slots = max(1, int(cluster_gpus // gpus)) if cluster_gpus else 1
+        share = int(cluster_cpus // slots)
+        # One CPU of each share stays free for the probes and the OS when the share is big enough to spare it.
+        cpus = config.cpus_per_actor or float(max(1, share - 1 if share >= 4 else share))
+        if config.cpus_per_actor is None:
+            why.append(f"{cpus:g} CPUs per actor: {cluster_cpus:g} CPUs / {slots} GPU actors"
+                       f"{', less one for probes' if share >= 4 else ''}")
+    else:
+        cpus = config.cpus_per_actor or (1.0 if cluster_cpus < _SMALL_CPU_NODE else 2.0)
+        slots = max(1, int(cluster_cpus // cpus))
+        if config.cpus_per_actor is None:
+            why.append(f"{cpus:g} CPU per actor (no GPU)")
+    if config.min_actors is not None:
+        low, high = config.min_actors, config.max_actors or config.min_actors
+    else:
+        low = high = slots
+        what = f"{cluster_gpus:g} GPUs / {gpus:g} per actor" if gpus > 0 else f"{cluster_cpus:g} CPUs / {cpus:g} per actor"
+        why.insert(0, f"{slots} actors = {what}")
+    return ActorResources(low, high, cpus, gpus, "; ".join(why) or "as given")

@@ -17,9 +17,9 @@ from dcfm.decode import probe_video
 from dcfm.errors import ExitCode, SettingsConflict
 from dcfm.progress import ProgressBar
 from dcfm.segment.actor import ActorSettings, ChunkSegmenter, ChunkSummary
-from dcfm.segment.config import SegmentJobConfig
+from dcfm.segment.config import ActorResources, SegmentJobConfig, resolve_resources
 from dcfm.segment.outputs import OutputLayout
-from dcfm.segment.plan import lead_in_frames, plan_tasks, plan_video
+from dcfm.segment.plan import lead_in_frames, plan_chunks, plan_tasks, plan_video
 from dcfm.sources import InputItem, expand_inputs
 from dcfm.storage import redact
 
@@ -50,6 +50,7 @@ class JobSummary:
     skipped_failed: int = 0  # already committed as failed
     frames: int = 0
     chunks: int = 0
+    reused_chunks: int = 0  # staged by an interrupted run of the same settings, reused as they were
     seconds: float = 0.0
     peak_actor_rss_mb: float = 0.0
     # From the job's start until the first actor had its model loaded: input listing, starting a local
@@ -57,6 +58,12 @@ class JobSummary:
     # whatever the corpus size.
     startup_s: float = 0.0
     actor_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ACTOR_STAGES, 0.0))
+    # From the first chunk an actor started until the last chunk finished: the work itself, without start-up.
+    work_s: float = 0.0
+    # "node_id:pid" -> chunks, frames and busy seconds of each actor that computed chunks
+    actors: dict[str, dict[str, float]] = field(default_factory=dict)
+    resources: ActorResources | None = None
+    planned_frames: int = 0  # frames of the videos whose chunks have started arriving
     rows: list[dict] = field(default_factory=list)
 
     @property
@@ -150,33 +157,58 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
     log(f"[segment] run {run_id}: {len(items)} inputs, {summary.skipped} already committed, {len(todo)} to do; "
         f"model {card.config.backbone} ({digest[:12]}) at {resolution[0]}x{resolution[1]}")
     if config.dry_run:
+        resources = _resources(config, connect=False)
+        summary.resources = resources
+        log(f"[segment] would run {resources.min_actors}"
+            f"{'' if resources.min_actors == resources.max_actors else f'-{resources.max_actors}'} actors x "
+            f"{resources.cpus_per_actor:g} CPUs, {resources.gpus_per_actor:g} GPUs ({resources.reason})")
         _print_plan(todo, config, log)
         return summary
     if not todo:
         log("[segment] nothing to do: every input is committed (use --overwrite to redo, --retry-failed for failures)")
         return summary
 
-    for item in todo:
-        layout.clear_video(item.video_id, run_id)
+    resources = _resources(config, connect=True)
+    summary.resources = resources
+    log(f"[segment] actors: {resources.min_actors}"
+        f"{'' if resources.min_actors == resources.max_actors else f'-{resources.max_actors}'} x "
+        f"{resources.cpus_per_actor:g} CPUs, {resources.gpus_per_actor:g} GPUs ({resources.reason})")
+    layout.clear_videos([item.video_id for item in todo], run_id, set(committed), keep_staged=not config.overwrite)
     settings = ActorSettings(
         checkpoint=config.checkpoint, model_digest=digest, output=config.output, run_id=run_id,
         keyframes=config.keyframes, mode=config.mode, resolution=resolution,
         mask_resolution=config.mask_resolution, batch_size=config.batch_size, device=config.device,
-        threads=max(1, int(config.cpus_per_actor)),
+        threads=resources.threads, reuse_staged=not config.overwrite,
     )
     states = {item.video_id: VideoState(item) for item in todo}
     progress = _Progress(log, config.progress_interval_s, len(todo))
-    for row in _pipeline(todo, config, settings).iter_rows():
+    first_start = last_end = None
+    staging = layout.staging_root(run_id)
+    for row in _pipeline(todo, config, settings, resources, staging).iter_rows():
         chunk = ChunkSummary(**json.loads(row["summary"]))
         state = states[chunk.video_id]
+        if not state.summaries and chunk.probe:
+            summary.planned_frames += chunk.probe["frame_count"]
         state.summaries.append(chunk)
         summary.chunks += 1
         summary.frames += chunk.frames
-        summary.peak_actor_rss_mb = max(summary.peak_actor_rss_mb, chunk.peak_rss_mb)
-        ready_s = chunk.actor_ready_at - started.timestamp()
-        summary.startup_s = min(summary.startup_s, ready_s) if summary.startup_s else ready_s
-        for stage in ACTOR_STAGES:
-            summary.actor_s[stage] += getattr(chunk, stage)
+        now = time.perf_counter()
+        if chunk.reused:
+            summary.reused_chunks += 1
+        elif chunk.frames:
+            first_start = min(first_start or now, now - chunk.seconds)
+            last_end = now
+            summary.peak_actor_rss_mb = max(summary.peak_actor_rss_mb, chunk.peak_rss_mb)
+            ready_s = chunk.actor_ready_at - started.timestamp()
+            summary.startup_s = min(summary.startup_s, ready_s) if summary.startup_s else ready_s
+            for stage in ACTOR_STAGES:
+                summary.actor_s[stage] += getattr(chunk, stage)
+            actor = summary.actors.setdefault(f"{chunk.node_id}:{chunk.pid}", {"chunks": 0, "frames": 0, "seconds": 0.0})
+            actor["chunks"] += 1
+            actor["frames"] += chunk.frames
+            actor["seconds"] += chunk.seconds
+        if chunk.extra.get("plan_note"):
+            log(f"[segment] {redact(chunk.uri)}: {chunk.extra['plan_note']}")
         if chunk.status == "failed":
             log(f"[segment] FAILED {redact(chunk.uri)} ({chunk.error['stage']}): {chunk.error['message']}")
         if state.complete():
@@ -188,6 +220,7 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
         progress.update(summary, chunk)
     progress.bar.close()
     summary.seconds = time.perf_counter() - t0
+    summary.work_s = (last_end - first_start) if first_start is not None else 0.0
     if states:  # cannot happen unless Ray dropped rows; refuse to pretend the job finished
         raise RuntimeError(f"the pipeline ended with {len(states)} videos incomplete: {sorted(states)[:5]}")
     _write_manifest(layout, config, summary, digest, resolution, started)
@@ -195,30 +228,59 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
     return summary
 
 
-def _pipeline(todo: list[InputItem], config: SegmentJobConfig, settings: ActorSettings):
+def _resources(config: SegmentJobConfig, connect: bool) -> ActorResources:
+    """The actor pool's size and resources. ``connect``: start or join Ray and ask it; otherwise (dry run)
+    ask a running Ray if there is one, else count this machine the way a local Ray would."""
+    import ray
+
+    if connect and not ray.is_initialized():
+        ray.init(address=config.ray_address, log_to_driver=True)
+    if ray.is_initialized():
+        total = ray.cluster_resources()
+        return resolve_resources(config, total.get("CPU", 1.0), total.get("GPU", 0.0))
+    import os
+
+    import torch
+
+    return resolve_resources(config, float(os.cpu_count() or 1), float(torch.cuda.device_count()))
+
+
+def _pipeline(todo: list[InputItem], config: SegmentJobConfig, settings: ActorSettings, resources: ActorResources,
+              staging: str):
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-    if not ray.is_initialized():
-        ray.init(address=config.ray_address, log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own progress lines are stable in logs and CI
     items = [{"video_id": i.video_id, "uri": i.uri} for i in todo]
     lead_in = lead_in_frames(config.keyframes)
+    # One chunk per block: the actor pool runs a block as one task, so a block of a video's chunks would run
+    # them one after the other on one actor. A block is cut as soon as it exceeds this many bytes, i.e. after
+    # every row. The dataset keeps a copy of the context; the process-wide one is restored.
+    block_size = ctx.target_max_block_size
+    ctx.target_max_block_size = 1
+    try:
+        dataset = ray.data.from_items(items, override_num_blocks=len(items))
+    finally:
+        ctx.target_max_block_size = block_size
     return (
-        ray.data.from_items(items, override_num_blocks=len(items))
+        dataset
         # Probing reserves no CPU: it is mostly I/O, and the actor pool may hold every CPU of a small
         # cluster, which would otherwise leave the planner unschedulable and the pipeline stalled. Without
         # a CPU to bound them, Ray would start a worker process per video at once: cap them.
-        .flat_map(plan_video, fn_kwargs={"chunk_frames": config.aligned_chunk_frames, "lead_in": lead_in},
+        .flat_map(plan_video, fn_kwargs={"chunk_frames": config.aligned_chunk_frames, "lead_in": lead_in,
+                                         "staging": staging},
                   num_cpus=0, compute=TaskPoolStrategy(size=min(config.probe_concurrency, len(items))))
         .map_batches(
             ChunkSegmenter,
             fn_constructor_kwargs={"settings": settings},
-            compute=ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
+            # One chunk in flight per actor: a free actor takes the next chunk, so uneven chunks (merged
+            # ones, a video's short last chunk) do not queue behind each other on one actor.
+            compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors,
+                                      max_tasks_in_flight_per_actor=1),
             batch_size=1,
-            num_cpus=config.cpus_per_actor,
-            num_gpus=config.gpus_per_actor,
+            num_cpus=resources.cpus_per_actor,
+            num_gpus=resources.gpus_per_actor,
         )
     )
 
@@ -242,14 +304,15 @@ class _Progress:
         self.last = now
         done = s.ok + s.empty + s.failed
         self.bar.close()  # the log line goes on a line of its own; the bar redraws below it
-        self.log(f"[segment] {done}/{self.videos} videos committed, {s.chunks} chunks, {s.frames} frames, "
-                 f"{s.frames / (now - self.start):.1f} frames/s")
+        reused = f" ({s.reused_chunks} reused)" if s.reused_chunks else ""
+        self.log(f"[segment] {done}/{self.videos} videos committed; {s.chunks} chunks{reused} and {s.frames} of "
+                 f"{s.planned_frames} frames of the videos started done; {s.frames / (now - self.start):.1f} frames/s")
 
 
 def _print_plan(todo: list[InputItem], config: SegmentJobConfig, log: Callable[[str], None]) -> None:
     lead_in = lead_in_frames(config.keyframes)
-    log("| video_id | uri | frames | fps | size | chunks |")
-    log("|---|---|---|---|---|---|")
+    log("| video_id | uri | frames | fps | size | chunks | note |")
+    log("|---|---|---|---|---|---|---|")
     total_frames = total_chunks = 0
 
     def probe(item: InputItem):
@@ -261,14 +324,15 @@ def _print_plan(todo: list[InputItem], config: SegmentJobConfig, log: Callable[[
     with ThreadPoolExecutor(max_workers=config.probe_concurrency) as pool:
         for item, probe_result, err in pool.map(probe, todo):
             if err is not None:
-                log(f"| {item.video_id} | {redact(item.uri)} | unreadable: {err} | | | |")
+                log(f"| {item.video_id} | {redact(item.uri)} | unreadable: {err} | | | | |")
                 continue
             tasks = plan_tasks(item.video_id, item.uri, probe_result, config.aligned_chunk_frames, lead_in)
             chunks = 0 if tasks[0].chunk_index < 0 else len(tasks)
+            note = plan_chunks(probe_result, config.aligned_chunk_frames, lead_in).note if chunks else ""
             total_frames += probe_result.frame_count
             total_chunks += chunks
             log(f"| {item.video_id} | {redact(item.uri)} | {probe_result.frame_count} | {probe_result.fps:.2f} | "
-                f"{probe_result.width}x{probe_result.height} | {chunks} |")
+                f"{probe_result.width}x{probe_result.height} | {chunks} | {note} |")
     log(f"[segment] plan: {len(todo)} videos, {total_chunks} chunks of up to {config.aligned_chunk_frames} frames, "
         f"{total_frames} frames (dry run: nothing was loaded or written)")
 
@@ -282,7 +346,8 @@ def _print_summary(s: JobSummary, log: Callable[[str], None]) -> None:
         frames = row["frame_count"] if row["status"] != "failed" else "-"
         log(f"| {row['video_id']} | {row['status']} | {frames} | {row['keyframes'] or '-'} | {conf} | {change} | "
             f"{row['seconds']:.1f} |")
-    log(f"[segment] {s.ok} ok, {s.empty} empty, {s.failed} failed, {s.skipped} skipped (already committed); "
+    reused = f", {s.reused_chunks} of {s.chunks} chunks reused from an interrupted run" if s.reused_chunks else ""
+    log(f"[segment] {s.ok} ok, {s.empty} empty, {s.failed} failed, {s.skipped} skipped (already committed){reused}; "
         f"{s.frames} frames in {s.seconds:.1f}s ({s.frames_per_second:.1f} frames/s); "
         f"peak actor memory {s.peak_actor_rss_mb:.0f} MiB; exit {int(s.exit_code)}")
     busy = s.actor_s["seconds"]
@@ -309,9 +374,11 @@ def _write_manifest(layout: OutputLayout, config: SegmentJobConfig, s: JobSummar
         "checkpoint_digest": digest,
         "packages": _package_versions(),
         "counts": {"inputs": s.videos, "ok": s.ok, "empty": s.empty, "failed": s.failed, "skipped": s.skipped,
-                   "chunks": s.chunks, "frames": s.frames},
+                   "chunks": s.chunks, "reused_chunks": s.reused_chunks, "frames": s.frames},
         "timings": {"seconds": s.seconds, "frames_per_second": s.frames_per_second,
-                    "startup_s": s.startup_s, "actor_s": s.actor_s},
+                    "startup_s": s.startup_s, "work_s": s.work_s, "actor_s": s.actor_s},
+        "resources": asdict(s.resources) if s.resources else None,
+        "actors": s.actors,
         "peak_actor_rss_mb": s.peak_actor_rss_mb,
     }
     stamp = started.strftime("%Y%m%dT%H%M%S%fZ")

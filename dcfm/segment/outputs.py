@@ -6,10 +6,13 @@
     OUT/_commits/<id>.json                          the commit marker, written last
     OUT/runs/<run_id>/<started>.json                one manifest per invocation that did work
     OUT/_staging/<run_id>/<id>/part-<chunk>.parquet chunks written by actors before their video commits
+    OUT/_staging/<run_id>/<id>/part-<chunk>.json    the chunk's summary, written after its Parquet file
 
 Actors write chunks to staging. When every chunk of a video has reported, the driver moves them into
 ``frames/``, writes the ``videos/`` (and ``errors/``) rows, then the marker. Resume and readers trust only
-videos with a marker; before a video is (re)processed, whatever an interrupted run left of it is removed.
+videos with a marker; before a video is (re)processed, whatever an interrupted run left of it is removed,
+except the chunks that run staged in full (summary present): the same run id means the same rows, so a
+rerun reuses them and computes only the missing chunks.
 """
 
 from __future__ import annotations
@@ -68,35 +71,50 @@ class OutputLayout:
     def staging_file(self, run_id: str, video_id: str, chunk: int) -> str:
         return storage.join(self.staging_dir(run_id, video_id), f"part-{chunk:05d}.parquet")
 
+    def staging_summary(self, run_id: str, video_id: str, chunk: int) -> str:
+        return storage.join(self.staging_dir(run_id, video_id), f"part-{chunk:05d}.json")
+
+    def staging_root(self, run_id: str) -> str:
+        return storage.join(self.root, "_staging", run_id)
+
     def run_manifest(self, run_id: str, started: str) -> str:
         return storage.join(self.root, "runs", run_id, f"{started}.json")
 
     # --- state ---------------------------------------------------------------------------------------------
     def committed(self) -> dict[str, dict[str, Any]]:
-        """video_id -> marker contents, for every committed video."""
+        """video_id -> marker contents, for every committed video: one listing, then the markers read
+        concurrently (fsspec's ``cat`` of many paths batches them on object stores)."""
         fs, path = storage.filesystem(storage.join(self.root, "_commits"))
         try:
-            names = fs.ls(path, detail=False)
+            names = [n for n in fs.ls(path, detail=False) if n.endswith(".json")]
         except FileNotFoundError:
             return {}
         markers = {}
-        for name in names:
-            if name.endswith(".json"):
-                data = json.loads(fs.cat_file(name))
-                markers[data["video_id"]] = data
+        for data in fs.cat(names, on_error="raise").values() if names else ():
+            marker = json.loads(data)
+            markers[marker["video_id"]] = marker
         return markers
 
-    def clear_video(self, video_id: str, run_id: str) -> None:
-        """Remove everything of a video: the marker first, so a crash midway leaves it uncommitted."""
-        for uri in (self.marker(video_id),):
-            fs, path = storage.filesystem(uri)
-            if fs.exists(path):
-                fs.rm(path)
-        for uri in (self.frames_dir(video_id), self.videos_dir(video_id), self.errors_dir(video_id),
-                    self.staging_dir(run_id, video_id)):
-            fs, path = storage.filesystem(uri)
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
+    def clear_videos(self, video_ids: list[str], run_id: str, committed: set[str], keep_staged: bool) -> None:
+        """Remove whatever earlier runs left of these videos before they are (re)processed.
+
+        Markers go first (``committed``: the ids that have one), so a crash midway leaves the video
+        uncommitted. One listing per output directory instead of existence checks per video; removals are
+        batched. ``keep_staged``: keep this run's staged chunks for reuse.
+        """
+        wanted = set(video_ids)
+        markers = [storage.filesystem(self.marker(v))[1] for v in sorted(wanted & committed)]
+        fs, _ = storage.filesystem(self.root)
+        if markers:
+            fs.rm(markers)
+        stale = []
+        for top in ("frames", "videos", "errors"):
+            stale += [p for p in _listing(storage.join(self.root, top))
+                      if p.rsplit("/", 1)[-1].removeprefix("video_id=") in wanted]
+        if not keep_staged:
+            stale += [p for p in _listing(self.staging_root(run_id)) if p.rsplit("/", 1)[-1] in wanted]
+        if stale:
+            fs.rm(stale, recursive=True)
 
     # --- commit --------------------------------------------------------------------------------------------
     def commit_video(
@@ -134,7 +152,15 @@ class OutputLayout:
         storage.write_bytes_atomic(self.marker(video_id), json.dumps(marker, indent=2, sort_keys=True).encode())
         self.discard_staging(run_id, video_id)
 
-    def discard_staging(self, run_id: str, video_id: str) -> None:
+    def discard_staging(self, run_id: str, video_id: str) -> None:  # noqa: D102
         fs, path = storage.filesystem(self.staging_dir(run_id, video_id))
         if fs.exists(path):
             fs.rm(path, recursive=True)
+
+
+def _listing(uri: str) -> list[str]:
+    fs, path = storage.filesystem(uri)
+    try:
+        return [p.rstrip("/") for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return []

@@ -10,6 +10,12 @@ also decodes
 * one *look-ahead* frame (``stop``, the next chunk's first frame, always a keyframe): the next keyframe of
   the chunk's last frames in bidirectional mode.
 
+A chunk that starts between seek points decodes from the seek point before it ("pre-roll"). Where seek
+points are too sparse for the chunk length (a long video whose only keyframe is frame 0 would decode every
+chunk from the top: quadratic), chunk boundaries are dropped, cheapest first, until the pre-roll of the
+whole video is at most ``PREROLL_SHARE`` of its frames: fewer, larger chunks, down to one sequential chunk.
+``ChunkPlan.note`` says so.
+
 Tasks travel through Ray Data as JSON strings: flat, schema-free rows that Arrow never has to guess.
 """
 
@@ -20,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
-from dcfm.decode import VideoError, VideoProbe, probe_video
+from dcfm.decode import VideoError, VideoProbe, probe_video, seek_start
 
 if TYPE_CHECKING:  # planning runs in Ray tasks that must start fast: no torch here
     from dcfm.inference import KeyframePolicy
@@ -66,6 +72,9 @@ class ChunkTask:
     time_base: tuple[int, int] = (1, 1)
     probe: ProbeInfo | None = None
     error: TaskError | None = None  # set when the input failed before chunking (chunk_index is then -1)
+    # A run that was interrupted staged this chunk already (its summary file exists): the actor reuses it.
+    staged: bool = False
+    plan_note: str = ""  # on chunk 0: why the video has fewer chunks than --chunk-frames asks (ChunkPlan.note)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -107,13 +116,56 @@ def probe_info(probe: VideoProbe) -> ProbeInfo:
     return ProbeInfo(probe.frame_count, probe.fps, probe.codec, probe.width, probe.height, probe.duration_s)
 
 
-def plan_tasks(video_id: str, uri: str, probe: VideoProbe, chunk_frames: int, lead_in: int) -> list[ChunkTask]:
-    """The chunk tasks of one probed video (one pass-through task for an empty video)."""
+# At most this share of a video's frames is decoded only to reach chunk starts between seek points.
+PREROLL_SHARE = 0.1
+
+
+@dataclass
+class ChunkPlan:
+    bounds: list[tuple[int, int]]
+    decoded_frames: int  # frames decode_range decodes for all chunks: pre-roll, lead-in, look-ahead included
+    note: str = ""  # why chunks were merged, if they were
+
+
+def plan_chunks(probe: VideoProbe, chunk_frames: int, lead_in: int) -> ChunkPlan:
+    """Chunk boundaries of a video: every ``chunk_frames``, less those whose pre-roll would exceed the budget."""
+    n = probe.frame_count
+    base = chunk_bounds(n, chunk_frames)
+    cost = {}
+    for start, _ in base[1:]:
+        lead_start = max(0, start - lead_in)
+        cost[start] = lead_start - seek_start(probe, lead_start)
+    # A boundary is kept only if its pre-roll is at most PREROLL_SHARE of the chunk it ends: each chunk
+    # pays for the next one's pre-roll, so the video's total stays within PREROLL_SHARE of its frames, and
+    # where seek points are sparse chunks grow to span them.
+    starts = [0]
+    for start in cost:
+        if cost[start] <= PREROLL_SHARE * (start - starts[-1]):
+            starts.append(start)
+    bounds = [(a, b) for a, b in zip(starts, [*starts[1:], n])] if n else []
+    decoded = sum(min(n, b + 1) - seek_start(probe, max(0, a - lead_in)) for a, b in bounds)
+    note = ""
+    if len(bounds) < len(base):
+        gaps = len(probe.keyframes) and n / len(probe.keyframes)
+        where = "only frame 0 is a seek point" if len(probe.keyframes) <= 1 else f"a seek point every ~{gaps:.0f} frames"
+        shape = "one sequential chunk" if len(bounds) == 1 else f"{len(bounds)} chunks instead of {len(base)}"
+        note = (f"{shape}: {where}, so chunks of {chunk_frames} frames would decode "
+                f"{sum(cost.values()) + n} frames to reach their starts; now {decoded} decoded for {n}")
+    return ChunkPlan(bounds, decoded, note)
+
+
+def plan_tasks(video_id: str, uri: str, probe: VideoProbe, chunk_frames: int, lead_in: int,
+               staged: frozenset[int] = frozenset()) -> list[ChunkTask]:
+    """The chunk tasks of one probed video (one pass-through task for an empty video).
+
+    ``staged``: chunk indices an interrupted run of the same settings already staged.
+    """
     n = probe.frame_count
     info = probe_info(probe)
     if n == 0:
         return [ChunkTask(video_id, uri, chunk_index=-1, num_chunks=1, probe=info)]
-    bounds = chunk_bounds(n, chunk_frames)
+    plan = plan_chunks(probe, chunk_frames, lead_in)
+    bounds = plan.bounds
     time_base = (probe.time_base.numerator, probe.time_base.denominator)
     tasks = []
     for index, (start, stop) in enumerate(bounds):
@@ -122,17 +174,40 @@ def plan_tasks(video_id: str, uri: str, probe: VideoProbe, chunk_frames: int, le
         tasks.append(ChunkTask(
             video_id, uri, index, len(bounds), start, stop, lead_start=lead_start, decode_stop=decode_stop,
             pts_from=window.first_index, pts=list(window.pts), keyframes=list(window.keyframes),
-            time_base=time_base, probe=info,
+            time_base=time_base, probe=info, staged=index in staged, plan_note=plan.note if index == 0 else "",
         ))
     return tasks
 
 
-def plan_video(row: dict, chunk_frames: int, lead_in: int) -> list[dict]:
-    """Ray Data flat_map: probe one input and emit its chunk tasks (or one failed pass-through task)."""
+def staged_chunks(staging_dir: str | None) -> frozenset[int]:
+    """Indices of the chunks whose summary an earlier, interrupted run of this run id left in staging."""
+    if staging_dir is None:
+        return frozenset()
+    from dcfm import storage
+
+    fs, path = storage.filesystem(staging_dir)
+    try:
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return frozenset()
+    found = set()
+    for name in names:
+        base = name.rsplit("/", 1)[-1]
+        if base.startswith("part-") and base.endswith(".json"):
+            found.add(int(base[len("part-"):-len(".json")]))
+    return frozenset(found)
+
+
+def plan_video(row: dict, chunk_frames: int, lead_in: int, staging: str | None = None) -> list[dict]:
+    """Ray Data flat_map: probe one input and emit its chunk tasks (or one failed pass-through task).
+
+    ``staging``: the run's staging root; chunks already staged there are marked for reuse.
+    """
     video_id, uri = str(row["video_id"]), str(row["uri"])
     try:
         probe = probe_video(uri)
-        tasks = plan_tasks(video_id, uri, probe, chunk_frames, lead_in)
+        staged = staged_chunks(f"{staging.rstrip('/')}/{video_id}" if staging else None)
+        tasks = plan_tasks(video_id, uri, probe, chunk_frames, lead_in, staged)
     except VideoError as err:
         tasks = [ChunkTask(video_id, uri, -1, 1, error=TaskError(err.stage, type(err).__name__, str(err)))]
     except Exception as err:  # an unexpected probe failure is still this input's failure alone

@@ -1,0 +1,152 @@
+"""The segment job's two scaling claims, on local Ray with 2 CPUs.
+
+    python benchmarks/bench_scaling.py [--frames 1024 --chunk 64] [--k-frames 96 --k-size 720x1280]
+
+1. Actors: ONE synthetic video (128x256, ``--frames`` frames), ``--chunk-frames 64``, k = 2, ResNet-18 at
+   128x256, masks at source size; ``--actors 1 --cpus-per-actor 1`` vs ``--actors 2 --cpus-per-actor 1``.
+   Time = the run manifest's ``work_s`` (first chunk started to last chunk finished: no start-up). Checks
+   that the frame rows are identical and prints the actors (node:pid) that ran chunks.
+2. Keyframe reuse: a 720p synthetic video, ResNet-18 at 256x512, masks at 720p, default actors; k = 1 vs
+   k = 6. The ideal speed-up is 1 / (1/k + (1 - 1/k) r), r = non-keyframe / keyframe cost of the model
+   measured here in batches of 8 (the job's batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import torch
+
+from dcfm.checkpoint import ModelCard, save_checkpoint
+from dcfm.inference import KeyframePolicy
+from dcfm.model import DCFM, DCFMConfig
+from dcfm.segment.config import SegmentJobConfig
+from dcfm.segment.job import run_segment_job
+from dcfm.synth import SynthConfig, generate_corpus
+
+
+def start_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+
+
+def checkpoint(path: Path, size: tuple[int, int]) -> str:
+    torch.manual_seed(0)
+    config = DCFMConfig("resnet18", num_classes=19)
+    card = ModelCard(config, [f"c{i}" for i in range(19)], [(i * 13 % 256,) * 3 for i in range(19)], size)
+    save_checkpoint(path, DCFM(config).eval(), card)
+    return str(path)
+
+
+def run(videos: list[Path], out: Path, ckpt: str, **kwargs) -> tuple[dict, object]:
+    shutil.rmtree(out, ignore_errors=True)
+    config = SegmentJobConfig([str(v) for v in videos], str(out), ckpt, progress_interval_s=3600, **kwargs)
+    lines: list[str] = []
+    summary = run_segment_job(config, log=lines.append)
+    (manifest,) = (out / "runs" / summary.run_id).glob("*.json")
+    return json.loads(manifest.read_text()), summary
+
+
+def frame_rows(out: Path) -> list[dict]:
+    table = pads.dataset(str(out / "frames"), format="parquet", partitioning="hive").to_table()
+    rows = table.to_pylist()
+    return sorted(rows, key=lambda r: (r["video_id"], r["frame_index"]))
+
+
+def actors_benchmark(work: Path, frames: int, chunk: int) -> None:
+    generate_corpus(work / "one", SynthConfig(videos=1, frames=frames, height=128, width=256, seed=11))
+    videos = sorted((work / "one" / "videos").glob("*.mp4"))
+    ckpt = checkpoint(work / "ckpt-small", (128, 256))
+    print(f"\n## one video, {frames} frames 128x256, --chunk-frames {chunk}, k = 2, resnet18 at 128x256")
+    print("| actors x CPUs | chunks | work s (manifest) | job s | frames/s (work) | actors that ran chunks (chunks each) |")
+    print("|---|---|---|---|---|---|")
+    results = {}
+    for actors in (1, 2):
+        manifest, summary = run(videos, work / f"out-{actors}", ckpt, keyframes=KeyframePolicy(interval=2),
+                                chunk_frames=chunk, min_actors=actors, max_actors=actors, cpus_per_actor=1)
+        work_s = manifest["timings"]["work_s"]
+        results[actors] = work_s
+        ran = ", ".join(f"{k.split(':')[1]} ({v['chunks']})" for k, v in manifest["actors"].items())
+        print(f"| {actors} x 1 | {summary.chunks} | {work_s:.1f} | {summary.seconds:.1f} | "
+              f"{summary.frames / work_s:.1f} | {ran} |", flush=True)
+    same = frame_rows(work / "out-1") == frame_rows(work / "out-2")
+    print(f"speed-up 2 actors vs 1: {results[1] / results[2]:.2f}x; frame rows identical: {same}")
+
+
+def path_ratio(size: tuple[int, int], batch: int = 8) -> float:
+    model = DCFM(DCFMConfig("resnet18", num_classes=19)).eval()
+    x = torch.randn(batch, 3, *size)
+
+    def median(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    with torch.inference_mode():
+        term = model.fusion.keyframe_term(model.forward_keyframe(x[:1]).common)
+        key = median(lambda: model.forward_keyframe(x))
+        nonkey = median(lambda: model.logits_from_term(term.expand(batch, -1, -1, -1), model.independent(x)))
+    return nonkey / key
+
+
+def keyframe_benchmark(work: Path, frames: int, size: tuple[int, int]) -> None:
+    generate_corpus(work / "hd", SynthConfig(videos=1, frames=frames, height=size[0], width=size[1], seed=12))
+    videos = sorted((work / "hd" / "videos").glob("*.mp4"))
+    model_size = (256, 512)
+    ckpt = checkpoint(work / "ckpt-hd", model_size)
+    torch.set_num_threads(1)
+    r = path_ratio(model_size)
+    torch.set_num_threads(2)
+    print(f"\n## keyframe reuse: one {size[0]}x{size[1]} video of {frames} frames, resnet18 at 256x512, masks at "
+          f"source size, default actors; r = non-key/key = {r:.3f} (1 thread, batch 8)")
+    print("| k | work s | frames/s | speed-up vs k=1 | ideal 1/(1/k+(1-1/k)r) | share of ideal | actor time: model / decode wait / rows wait / Parquet |")
+    print("|---|---|---|---|---|---|---|")
+    base = None
+    for k in (1, 6):
+        manifest, summary = run(videos, work / f"out-k{k}", ckpt, keyframes=KeyframePolicy(interval=k),
+                                chunk_frames=64)
+        work_s = manifest["timings"]["work_s"]
+        base = base or work_s
+        ideal = 1 / (1 / k + (1 - 1 / k) * r)
+        t = manifest["timings"]["actor_s"]
+        split = " / ".join(f"{100 * t[s] / t['seconds']:.0f}%" for s in ("model_s", "decode_wait_s", "rows_s", "write_s"))
+        speed = base / work_s
+        print(f"| {k} | {work_s:.1f} | {summary.frames / work_s:.1f} | {speed:.2f}x | {ideal:.2f}x | "
+              f"{100 * speed / ideal:.0f}% | {split} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=1024)
+    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--k-frames", type=int, default=96)
+    parser.add_argument("--k-size", default="720x1280")
+    parser.add_argument("--only", choices=["actors", "keyframes"], default=None)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="dcfm-scaling-"))
+    start_ray()
+    try:
+        if args.only in (None, "actors"):
+            actors_benchmark(work, args.frames, args.chunk)
+        if args.only in (None, "keyframes"):
+            h, w = (int(v) for v in args.k_size.split("x"))
+            keyframe_benchmark(work, args.k_frames, (h, w))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
