@@ -26,16 +26,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from dcfm import storage
-from dcfm.labels.committed import (
-    METRIC_COLUMNS,
-    ClassInfo,
-    CommittedVideo,
-    class_info,
-    committed_videos,
-    decode_mask,
-    iter_frame_rows,
-    iter_source_frames,
-)
+from dcfm.labels.committed import (METRIC_COLUMNS, ClassInfo, CommittedVideo, class_info, committed_videos,
+                                   decode_mask, iter_frame_rows, iter_source_frames)
 from dcfm.labels.files import publish_bytes, staged_file
 from dcfm.labels.review import FrameScore, frame_score, lowest
 from dcfm.progress import ProgressBar
