@@ -11,7 +11,8 @@ A sample is a labelled frame ``I_L``, an unlabelled neighbour ``I_U`` (``U = L Â
   decoded video frames under ``frames/<seq>/`` (see :class:`CamVidPairs`).
 
 Neighbour rule, all layouts: ``U = L + delta`` if that frame exists, else ``U = L - delta`` (e.g. the last
-labelled frame of a synth video).  A missing neighbour/label file raises ``FileNotFoundError`` naming it.
+labelled frame of a synth video). ``delta`` may be negative (a past neighbour preferred); training draws the sign
+per visit (``dcfm.train.data.open_training_pairs``).  A missing neighbour/label file raises ``FileNotFoundError`` naming it.
 """
 
 from __future__ import annotations
@@ -133,8 +134,8 @@ def _pick_neighbour(index: int, delta: int, exists: Callable[[int], bool]) -> in
 
 
 def _check_delta(delta: int) -> int:
-    if delta < 0:
-        raise ValueError(f"delta must be >= 0, got {delta}")
+    if int(delta) != delta:
+        raise ValueError(f"delta must be an integer, got {delta}")
     return int(delta)
 
 

@@ -64,11 +64,17 @@ def add_reuse_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["causal", "bidirectional"], default="bidirectional",
                    help="reuse the previous keyframe only, or sum previous and next (default)")
     p.add_argument("--adaptive", action="store_true", help="adaptive keyframe scheduling instead of a fixed K")
-    p.add_argument("--min-interval", type=positive_int, default=1, help="adaptive: minimum keyframe gap")
-    p.add_argument("--max-interval", type=positive_int, default=6, help="adaptive: maximum keyframe gap")
+    p.add_argument("--codec-keyframes", action="store_true",
+                   help="keyframes on the stream's own I-frames/seek points (chunks aligned to them), at least "
+                        "--min-interval apart, at most --max-interval")
+    p.add_argument("--min-interval", type=positive_int, default=1, help="adaptive/codec: minimum keyframe gap")
+    p.add_argument("--max-interval", type=positive_int, default=6, help="adaptive/codec: maximum keyframe gap")
     p.add_argument("--threshold", type=float, default=0.1, help="adaptive: distance that triggers a keyframe")
     p.add_argument("--score", choices=["rgb", "feature"], default="rgb",
                    help="adaptive: mean |dRGB| (the authors') or shallow-feature cosine distance (TFC-style)")
+    p.add_argument("--nonkey-scale", type=float, default=None, metavar="S",
+                   help="non-keyframe resolution scale; only the one the checkpoint was trained for is accepted "
+                        "(default: the checkpoint's, recorded in its card)")
 
 
 def keyframe_policy(args: argparse.Namespace):
@@ -76,7 +82,8 @@ def keyframe_policy(args: argparse.Namespace):
     from dcfm.inference import KeyframePolicy  # keeps `dcfm --help` free of torch
 
     return KeyframePolicy(interval=args.keyframe_interval, adaptive=args.adaptive, min_interval=args.min_interval,
-                          max_interval=args.max_interval, threshold=args.threshold, score=args.score)
+                          max_interval=args.max_interval, threshold=args.threshold, score=args.score,
+                          codec=getattr(args, "codec_keyframes", False))
 
 
 def run_job(

@@ -221,7 +221,8 @@ class ChunkSegmenter:
         rows: dict[str, list] = {name: [] for name in output_schema("frames").file_schema.names}
         previous: np.ndarray | None = None
         loop_start = time.perf_counter()
-        for result in segmenter.segment(frames(), start_index=task.lead_start, lookahead_from=lookahead):
+        for result in segmenter.segment(frames(), start_index=task.lead_start, lookahead_from=lookahead,
+                                        codec_keyframes=task.keyframes):
             row_start = time.perf_counter()
             if result.index >= task.start:
                 self._add_row(rows, task, result, previous, timestamps.pop(result.index), source_size, summary)

@@ -92,10 +92,10 @@ class ChunkTask:
 def lead_in_frames(policy: KeyframePolicy) -> int:
     """How far before a chunk's start decoding begins: back to the previous keyframe (fixed schedules).
 
-    Adaptive schedules start every chunk on a keyframe of its own and decode no lead-in, so the first
-    frame of each chunk has no label_change_rate (null) there.
+    Adaptive and codec schedules start every chunk on a keyframe of its own and decode no lead-in, so the
+    first frame of each chunk has no label_change_rate (null) there.
     """
-    return 0 if policy.adaptive else policy.interval
+    return 0 if not policy.fixed else policy.interval
 
 
 def chunk_bounds(frame_count: int, chunk_frames: int) -> list[tuple[int, int]]:
@@ -103,17 +103,29 @@ def chunk_bounds(frame_count: int, chunk_frames: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_frames, frame_count)) for s in range(0, frame_count, chunk_frames)]
 
 
+def seek_point_bounds(frame_count: int, chunk_frames: int, seek_points: tuple[int, ...]) -> list[tuple[int, int]]:
+    """[start, stop) of chunks that start on the stream's seek points (codec keyframes): each chunk runs to the
+    first seek point at least ``chunk_frames`` after its start (or to the end), so it starts on a keyframe."""
+    starts = [0]
+    for point in sorted(seek_points):
+        if point - starts[-1] >= chunk_frames and point < frame_count:
+            starts.append(point)
+    return list(zip(starts, starts[1:] + [frame_count]))
+
+
 def probe_info(probe: VideoProbe) -> ProbeInfo:
     return ProbeInfo(probe.frame_count, probe.fps, probe.codec, probe.width, probe.height, probe.duration_s)
 
 
-def plan_tasks(video_id: str, uri: str, probe: VideoProbe, chunk_frames: int, lead_in: int) -> list[ChunkTask]:
-    """The chunk tasks of one probed video (one pass-through task for an empty video)."""
+def plan_tasks(video_id: str, uri: str, probe: VideoProbe, chunk_frames: int, lead_in: int,
+               align_to_seek_points: bool = False) -> list[ChunkTask]:
+    """The chunk tasks of one probed video (one pass-through task for an empty video); with
+    ``align_to_seek_points`` (codec keyframes) chunks start on the stream's seek points."""
     n = probe.frame_count
     info = probe_info(probe)
     if n == 0:
         return [ChunkTask(video_id, uri, chunk_index=-1, num_chunks=1, probe=info)]
-    bounds = chunk_bounds(n, chunk_frames)
+    bounds = seek_point_bounds(n, chunk_frames, probe.keyframes) if align_to_seek_points else chunk_bounds(n, chunk_frames)
     time_base = (probe.time_base.numerator, probe.time_base.denominator)
     tasks = []
     for index, (start, stop) in enumerate(bounds):
@@ -127,12 +139,12 @@ def plan_tasks(video_id: str, uri: str, probe: VideoProbe, chunk_frames: int, le
     return tasks
 
 
-def plan_video(row: dict, chunk_frames: int, lead_in: int) -> list[dict]:
+def plan_video(row: dict, chunk_frames: int, lead_in: int, align_to_seek_points: bool = False) -> list[dict]:
     """Ray Data flat_map: probe one input and emit its chunk tasks (or one failed pass-through task)."""
     video_id, uri = str(row["video_id"]), str(row["uri"])
     try:
         probe = probe_video(uri)
-        tasks = plan_tasks(video_id, uri, probe, chunk_frames, lead_in)
+        tasks = plan_tasks(video_id, uri, probe, chunk_frames, lead_in, align_to_seek_points)
     except VideoError as err:
         tasks = [ChunkTask(video_id, uri, -1, 1, error=TaskError(err.stage, type(err).__name__, str(err)))]
     except Exception as err:  # an unexpected probe failure is still this input's failure alone

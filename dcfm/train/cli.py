@@ -51,6 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "trained over the gaps k-1 frames wide that inference at interval k has (default: DELTA)")
     p.add_argument("--backbone", default="resnet18", help="resnet18/50/101 or pvt_v2_b0..b5 (default resnet18)")
     p.add_argument("--pretrained", action="store_true", help="ImageNet backbone weights from the timm hub")
+    p.add_argument("--nonkey-scale", type=float, default=1.0, metavar="S",
+                   help="run non-keyframes at S times the resolution (AR-Seg with DCFM; 0.5 its setting): adds the "
+                        "cross-resolution fusion and the feature-similarity loss; recorded in the checkpoint "
+                        "(default 1.0: plain DCFM)")
     p.add_argument("--workers", type=positive_int, default=1, help="Ray Train workers (DDP ranks; default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (1 on a GPU cluster)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker, also its torch threads")
@@ -100,7 +104,8 @@ def config_from_args(args: argparse.Namespace):
     return TrainJobConfig(
         data=args.data, output=args.output, layout=args.layout, split=args.split, delta=args.delta,
         max_delta=args.max_delta,
-        backbone=args.backbone, pretrained_backbone=args.pretrained, steps=args.steps, batch_size=args.batch_size,
+        backbone=args.backbone, pretrained_backbone=args.pretrained, nonkey_scale=args.nonkey_scale,
+        steps=args.steps, batch_size=args.batch_size,
         augment=AugmentConfig(crop=args.crop, scale=args.scale, max_rotation_deg=args.rotation,
                               flip=not args.no_flip, colour_jitter=args.jitter),
         optim=OptimConfig(name=args.optimizer, lr=args.lr, decoder_lr_mult=args.decoder_lr_mult,
