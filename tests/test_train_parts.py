@@ -234,5 +234,11 @@ def test_cli_builds_the_config() -> None:
     assert config.loss == LossWeights(0.0, 0.0) and config.optim.name == "adamw" and config.gpus_per_worker == 1
     assert config.optim.warmup_steps == 5  # the AdamW recipe's warm-up, capped at a tenth of the steps
     assert TrainJobConfig.from_json(config.to_json()) == config
+    assert config.nonkey_scale == 1.0
     with pytest.raises(ValueError, match="run directory"):
         TrainJobConfig(data="x", output="s3://bucket")
+    half = config_from_args(build_parser().parse_args(
+        ["train", "--data", "d", "--output", "runs/r", "--nonkey-scale", "0.5"]))
+    assert half.nonkey_scale == 0.5 and TrainJobConfig.from_json(half.to_json()) == half
+    with pytest.raises(ValueError, match="--nonkey-scale"):
+        TrainJobConfig(data="d", output="runs/r", nonkey_scale=0.0)
