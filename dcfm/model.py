@@ -22,11 +22,14 @@ METHOD notes, where this code departs from the authors' official code, and why:
 * L2 norm and the channel half: the official code L2-normalises all of f_ind, then the FFM takes its first half;
   here the half is taken first and normalised by itself. Kept: the used channels then have unit norm whatever
   the unused half holds, and changing it would silently change what every saved checkpoint computes.
-* Head width: the ResNet head's hidden 1x1 conv is 256 wide (``FeatureContract.head_hidden_channels``), the
-  PSPNet-style decode head's width in the official ResNet configs; MiT/PVTv2 heads are dropout + classifier.
-* Decoder learning-rate group (``dcfm.training.build_optimizer``): the SegFormer all-MLP decoder and the PPM
-  are built here, not by timm, so they sit in the decoder group (10x lr in the AdamW recipe), as the official
-  MiT configs put the decode head (which contains the all-MLP decoder) at lr_mult 10; the SGD recipe uses 1x.
+* Head width: the ResNet head's hidden 1x1 conv is 256 wide (``FeatureContract.head_hidden_channels``).
+  METHOD.md does not give this width; 256 is mmsegmentation's usual decode-head width and has not been checked
+  against the authors' code. MiT/PVTv2 heads are dropout + classifier, as METHOD.md says.
+* Decoder learning-rate group (``dcfm.training.build_optimizer``): the SegFormer all-MLP decoder and the PPM are
+  built here, not by timm, so they sit in the decoder group (10x lr in the AdamW recipe). That matches the
+  SegFormer-style configs, which give everything under the decode head (the all-MLP decoder included) lr_mult
+  10; the SGD recipe uses 1x for every group. Their zero weight decay on norms and position blocks is not
+  reproduced: every parameter gets the recipe's weight decay.
 """
 
 from __future__ import annotations
