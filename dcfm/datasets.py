@@ -12,7 +12,8 @@ A sample is a labelled frame ``I_L``, an unlabelled neighbour ``I_U`` (``U = L Â
 
 Neighbour rule, all layouts: ``U = L + delta`` if that frame exists, else ``U = L - delta`` (e.g. the last
 labelled frame of a synth video). ``delta`` may be negative (a past neighbour preferred); training draws the sign
-per visit (``dcfm.train.data.open_training_pairs``).  A missing neighbour/label file raises ``FileNotFoundError`` naming it.
+per visit (``dcfm.train.data.open_training_pairs``).  A missing neighbour/label file raises
+``FileNotFoundError`` naming it.
 """
 
 from __future__ import annotations

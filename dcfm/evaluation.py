@@ -250,7 +250,8 @@ class SettingAccumulator:
         if video.fully_labelled:
             self.consistency.add_video(predictions, [labels[i] for i in range(video.frames)])
 
-    def _run(self, config: InferenceConfig, frames: list[np.ndarray], codec: tuple[int, ...] | None) -> list[FrameResult]:
+    def _run(self, config: InferenceConfig, frames: list[np.ndarray],
+             codec: tuple[int, ...] | None) -> list[FrameResult]:
         """One timed pass over a clip; frames and keyframes count every pass, so FPS stays frames / time."""
         segmenter = ClipSegmenter(self.model, config)
         with self.timer:

@@ -354,8 +354,8 @@ class ClipSegmenter:
         if not state.pending:
             return []
         if state.last_key is None:
-            raise ValueError(f"the clip ended before its first keyframe (keyframe phase {self.config.keyframes.phase}); "
-                             "use a smaller phase for clips this short")
+            raise ValueError(f"the clip ended before its first keyframe (keyframe phase "
+                             f"{self.config.keyframes.phase}); use a smaller phase for clips this short")
         with torch.inference_mode():
             plans = [(frame, [state.last_key]) for frame in state.pending]
             state.pending = []

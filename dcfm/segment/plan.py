@@ -125,7 +125,10 @@ def plan_tasks(video_id: str, uri: str, probe: VideoProbe, chunk_frames: int, le
     info = probe_info(probe)
     if n == 0:
         return [ChunkTask(video_id, uri, chunk_index=-1, num_chunks=1, probe=info)]
-    bounds = seek_point_bounds(n, chunk_frames, probe.keyframes) if align_to_seek_points else chunk_bounds(n, chunk_frames)
+    if align_to_seek_points:
+        bounds = seek_point_bounds(n, chunk_frames, probe.keyframes)
+    else:
+        bounds = chunk_bounds(n, chunk_frames)
     time_base = (probe.time_base.numerator, probe.time_base.denominator)
     tasks = []
     for index, (start, stop) in enumerate(bounds):
