@@ -112,7 +112,17 @@ def test_half_scale_training_loss_reaches_the_cross_resolution_fusion() -> None:
 
 
 def test_half_scale_checkpoint_round_trips(tmp_path, frames) -> None:
+    from dcfm.training import OptimConfig, PairBatch, build_optimizer, train_step
+
     model = make("pvt_v2_b0", 0.5)
+    gen = torch.Generator().manual_seed(1)
+    batch = PairBatch(torch.randn(2, 3, H, W, generator=gen), torch.randn(2, 3, H, W, generator=gen),
+                      torch.randint(0, 5, (2, H, W), generator=gen))
+    optimizer = build_optimizer(model, OptimConfig(name="adamw", lr=1e-3))
+    for _ in range(2):  # trained, so the cross-resolution correction and its BN statistics are not at their init
+        train_step(model, optimizer, batch, LossWeights())
+    model.eval()
+    assert model.cross_resolution.depthwise.weight.abs().sum() > 0 and model.cross_resolution.norm.weight.abs().sum() > 0
     card = ModelCard(model.config, [f"c{i}" for i in range(5)], [(i, i, i) for i in range(5)], train_size=(H, W))
     save_checkpoint(tmp_path / "ckpt", model, card)
     loaded = load_checkpoint(tmp_path / "ckpt")
