@@ -122,7 +122,8 @@ def test_half_scale_checkpoint_round_trips(tmp_path, frames) -> None:
     for _ in range(2):  # trained, so the cross-resolution correction and its BN statistics are not at their init
         train_step(model, optimizer, batch, LossWeights())
     model.eval()
-    assert model.cross_resolution.depthwise.weight.abs().sum() > 0 and model.cross_resolution.norm.weight.abs().sum() > 0
+    correction = model.cross_resolution
+    assert correction.depthwise.weight.abs().sum() > 0 and correction.norm.weight.abs().sum() > 0
     card = ModelCard(model.config, [f"c{i}" for i in range(5)], [(i, i, i) for i in range(5)], train_size=(H, W))
     save_checkpoint(tmp_path / "ckpt", model, card)
     loaded = load_checkpoint(tmp_path / "ckpt")
