@@ -1,6 +1,8 @@
 """Whole-job throughput of `dcfm segment` vs a plain single-process loop, and actor memory vs video length.
 
     python benchmarks/bench_segment.py [--videos 4 --frames 480 --size 128x256 --long-frames 5000]
+    python benchmarks/bench_segment.py --frames 360 --actors 1 --intervals 6 --nonkey-scales 1.0,0.5 \
+        --skip-plain --skip-memory      # non-keyframes at full vs half resolution (AR-Seg), k = 6
 
 1. Throughput: one synthetic corpus, one ResNet-18 DCFM (random weights: speed does not depend on them).
    * plain loop: PyAV sequential decode + resize + model keyframe path on every frame (k = 1) in batches +
@@ -66,7 +68,8 @@ def _segment(model, frames, mean, std, source) -> int:
     return len(frames)
 
 
-def run_job(videos, out: Path, checkpoint: str, k: int, actors: int, chunk: int, fresh_ray: bool) -> dict:
+def run_job(videos, out: Path, checkpoint: str, k: int, actors: int, chunk: int, fresh_ray: bool,
+            batch: int = 8) -> dict:
     import ray
 
     if fresh_ray and ray.is_initialized():
@@ -76,7 +79,7 @@ def run_job(videos, out: Path, checkpoint: str, k: int, actors: int, chunk: int,
     shutil.rmtree(out, ignore_errors=True)
     config = SegmentJobConfig(
         [str(v) for v in videos], str(out), checkpoint, keyframes=KeyframePolicy(interval=k), chunk_frames=chunk,
-        min_actors=actors, max_actors=actors, cpus_per_actor=2 / actors, progress_interval_s=3600,
+        min_actors=actors, max_actors=actors, cpus_per_actor=2 / actors, progress_interval_s=3600, batch_size=batch,
     )
     start = time.perf_counter()
     summary = run_segment_job(config, log=lambda _: None)
@@ -96,35 +99,48 @@ def main() -> None:
     parser.add_argument("--long-frames", type=int, default=5000)
     parser.add_argument("--long-size", default="64x128")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--intervals", default="1,2,6", help="keyframe intervals of the job runs (default 1,2,6)")
+    parser.add_argument("--nonkey-scales", default="1.0",
+                        help="non-keyframe resolution scales, one model each (random weights; default 1.0)")
+    parser.add_argument("--skip-plain", action="store_true", help="no plain-loop baseline")
+    parser.add_argument("--skip-memory", action="store_true", help="no actor-memory runs")
     args = parser.parse_args()
     h, w = (int(v) for v in args.size.split("x"))
     work = Path(tempfile.mkdtemp(prefix="dcfm-bench-"))
     torch.manual_seed(0)
     generate_corpus(work / "corpus", SynthConfig(videos=args.videos, frames=args.frames, height=h, width=w))
     videos = sorted((work / "corpus" / "videos").glob("*.mp4"))
-    config = DCFMConfig(args.backbone, num_classes=8)
-    model = DCFM(config).eval()
-    card = ModelCard(config, [f"c{i}" for i in range(8)], [(i, i, i) for i in range(8)], train_size=(h, w))
-    save_checkpoint(work / "ckpt", model, card)
+    scales = [float(v) for v in args.nonkey_scales.split(",")]
+    for scale in scales:
+        config = DCFMConfig(args.backbone, num_classes=8, nonkey_scale=scale)
+        model = DCFM(config).eval()
+        card = ModelCard(config, [f"c{i}" for i in range(8)], [(i, i, i) for i in range(8)], train_size=(h, w))
+        save_checkpoint(work / f"ckpt-{scale:g}", model, card)
     print(f"corpus: {args.videos} videos x {args.frames} frames at {h}x{w}; {args.backbone}; torch threads "
           f"{torch.get_num_threads()}; 2 CPU cores")
 
     torch.set_num_threads(2)
-    frames, seconds = plain_loop(videos, model, (h, w), args.batch)
-    print("\n| pipeline | k | actors x threads | frames | seconds | frames/s | start-up s | actor time: model / "
-          "decode wait / masks+metrics / Parquet |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| plain loop (decode + model, no Ray, no output) | 1 | 1 x 2 | {frames} | {seconds:.1f} | "
-          f"{frames / seconds:.1f} | | |")
-    for k in (1, 2, 6):
-        for actors in (int(a) for a in args.actors.split(",")):
-            r = run_job(videos, work / "out", str(work / "ckpt"), k, actors, chunk=args.chunk, fresh_ray=False)
-            t = r["actor_s"]
-            split = " / ".join(f"{100 * t[stage] / t['seconds']:.0f}%" for stage in
-                               ("model_s", "decode_wait_s", "rows_s", "write_s"))
-            print(f"| dcfm segment (local Ray, Parquet) | {k} | {actors} x {2 // actors} | {r['frames']} | "
-                  f"{r['seconds']:.1f} | {r['frames'] / r['seconds']:.1f} | {r['startup_s']:.1f} | {split} |",
-                  flush=True)
+    print("\n| pipeline | non-key scale | k | actors x threads | frames | seconds | frames/s | start-up s "
+          "| actor time: model / decode wait / masks+metrics / Parquet |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    if not args.skip_plain:
+        frames, seconds = plain_loop(videos, model, (h, w), args.batch)
+        print(f"| plain loop (decode + model, no Ray, no output) | - | 1 | 1 x 2 | {frames} | {seconds:.1f} | "
+              f"{frames / seconds:.1f} | | |")
+    for k in (int(v) for v in args.intervals.split(",")):
+        for scale in scales:
+            for actors in (int(a) for a in args.actors.split(",")):
+                r = run_job(videos, work / "out", str(work / f"ckpt-{scale:g}"), k, actors, chunk=args.chunk,
+                            fresh_ray=False, batch=args.batch)
+                t = r["actor_s"]
+                split = " / ".join(f"{100 * t[stage] / t['seconds']:.0f}%" for stage in
+                                   ("model_s", "decode_wait_s", "rows_s", "write_s"))
+                print(f"| dcfm segment (local Ray, Parquet) | {scale:g} | {k} | {actors} x {2 // actors} | "
+                      f"{r['frames']} | {r['seconds']:.1f} | {r['frames'] / r['seconds']:.1f} | "
+                      f"{r['startup_s']:.1f} | {split} |", flush=True)
+    if args.skip_memory:
+        shutil.rmtree(work, ignore_errors=True)
+        return
 
     lh, lw = (int(v) for v in args.long_size.split("x"))
     print(f"\nactor memory (k = 6, chunk 256, {lh}x{lw}, fresh Ray session each):")

@@ -45,15 +45,16 @@ def corpus(path: Path, videos: int, frames: int, size: tuple[int, int], seed: in
     return path
 
 
-MODELS = {  # name -> (loss weights, max_delta)
-    "dcfm": (LossWeights(0.4, 10.0), None),
-    "dcfm-delta1-5": (LossWeights(0.4, 10.0), 5),
-    "per-frame": (LossWeights(0.0, 0.0), None),
+MODELS = {  # name -> (loss weights, max_delta, non-key scale); every model draws the neighbour's sign per visit
+    "dcfm": (LossWeights(0.4, 10.0), None, 1.0),
+    "dcfm-delta1-5": (LossWeights(0.4, 10.0), 5, 1.0),
+    "per-frame": (LossWeights(0.0, 0.0), None, 1.0),
+    "dcfm-s0.5": (LossWeights(0.4, 10.0, similarity=10.0), None, 0.5),  # AR-Seg: non-keyframes at half size
 }
 
 
 def train(args, data: Path, output: Path, steps: int, workers: int, loss: LossWeights | None,
-          checkpoints: int = 4, max_delta: int | None = None) -> dict:
+          checkpoints: int = 4, max_delta: int | None = None, nonkey_scale: float = 1.0) -> dict:
     """Train with `dcfm train`'s job; pairs/s is the mean of the logged intervals after the first (warm-up)."""
     cpus = max(1, (os.cpu_count() or 2) // workers)
     config = TrainJobConfig(
@@ -61,7 +62,7 @@ def train(args, data: Path, output: Path, steps: int, workers: int, loss: LossWe
         augment=AugmentConfig(crop=args.size, scale=(1.0, 1.5)),
         optim=OptimConfig(name="adamw", lr=1e-3, decoder_lr_mult=1.0, weight_decay=1e-4,
                           warmup_steps=max(1, steps // 20)),
-        loss=loss, max_delta=max_delta, workers=workers, cpus_per_worker=cpus,
+        loss=loss, max_delta=max_delta, nonkey_scale=nonkey_scale, workers=workers, cpus_per_worker=cpus,
         checkpoint_every=max(steps // checkpoints, 1), log_every=max(1, steps // 20),
     )
     start = time.perf_counter()
@@ -109,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per worker per step (default 4)")
     parser.add_argument("--throughput-steps", type=int, default=20, help="steps of each throughput run")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"models to train (default: all of {list(MODELS)})")
+    parser.add_argument("--models", default="dcfm,dcfm-delta1-5,per-frame",
+                        help=f"models to train, of {list(MODELS)} (default: the first three)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train every model this many steps on 1 worker (skips the throughput runs and --minutes)")
     args = parser.parse_args(argv)
 
     import ray
@@ -125,22 +129,26 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results: dict = {"settings": {k: str(v) for k, v in vars(args).items()}, "cpus": os.cpu_count()}
 
-    # One checkpoint at the end only: writing checkpoints is not what this measures.
-    throughput = {w: train(args, train_data, work / f"throughput-{stamp}-{w}w", args.throughput_steps, w, None,
-                           checkpoints=1) for w in (1, 2)}
+    if args.steps is None:
+        # One checkpoint at the end only: writing checkpoints is not what this measures.
+        throughput = {w: train(args, train_data, work / f"throughput-{stamp}-{w}w", args.throughput_steps, w, None,
+                               checkpoints=1) for w in (1, 2)}
+        best = max(throughput, key=lambda w: throughput[w]["pairs_per_s"])
+        pairs_per_step = best * args.batch_size
+        # 92% of the budget for the steps themselves: Ray's start and the checkpoints take the rest.
+        steps = max(2, int(0.92 * args.minutes * 60 * throughput[best]["pairs_per_s"] / pairs_per_step))
+        print(f"[bench] {best} worker(s) train fastest; {steps} steps of {pairs_per_step} pairs fit "
+              f"{args.minutes:g} min", flush=True)
+    else:
+        throughput, best, steps = {}, 1, args.steps
+        tag = f"{args.backbone}-{args.size[0]}x{args.size[1]}-{args.videos}v{args.frames}f-{steps}steps"
     results["throughput"] = throughput
-    best = max(throughput, key=lambda w: throughput[w]["pairs_per_s"])
-    pairs_per_step = best * args.batch_size
-    # 92% of the budget for the steps themselves: Ray's start and the checkpoints take the rest.
-    steps = max(2, int(0.92 * args.minutes * 60 * throughput[best]["pairs_per_s"] / pairs_per_step))
-    print(f"[bench] {best} worker(s) train fastest; {steps} steps of {pairs_per_step} pairs fit {args.minutes:g} min",
-          flush=True)
 
     runs, rows = {}, {}
     for name in args.models.split(","):
-        weights, max_delta = MODELS[name]
+        weights, max_delta, scale = MODELS[name]
         output = work / f"{name}-{tag}-{stamp}"
-        runs[name] = train(args, train_data, output, steps, best, weights, max_delta=max_delta)
+        runs[name] = train(args, train_data, output, steps, best, weights, max_delta=max_delta, nonkey_scale=scale)
         rows[name] = evaluate(runs[name]["final_checkpoint"], held_out, work / f"eval-{name}-{tag}-{stamp}")
     results.update(training=runs, evaluation=rows)
     (work / "bench_train.json").write_text(json.dumps(results, indent=2))

@@ -53,6 +53,12 @@ class ModelCard:
         if len(self.palette) != len(self.class_names):
             raise ValueError(f"palette has {len(self.palette)} colours for {len(self.class_names)} classes")
 
+    @property
+    def nonkey_scale(self) -> float:
+        """The non-keyframe resolution scale the model was trained for (recorded in ``config``; 1.0 = plain DCFM,
+        and what cards written before the field existed mean)."""
+        return self.config.nonkey_scale
+
     def to_json(self, weights_sha256: str) -> dict[str, Any]:
         data = asdict(self)
         data["config"] = self.config.to_dict()

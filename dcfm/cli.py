@@ -35,6 +35,9 @@ def _add_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=positive_int, default=15, help="frame rate written to the MP4s (default 15)")
     p.add_argument("--motion", type=float, default=1.0,
                    help="how fast camera and objects move per frame, 1 = default street (range (0, 16])")
+    p.add_argument("--cuts", type=non_negative_int, default=0,
+                   help="scene cuts per video: jumps to an unrelated scene, where the encoder starts a new GOP "
+                        "(default 0)")
 
 
 def _run_synth(args: argparse.Namespace) -> int:
@@ -44,7 +47,7 @@ def _run_synth(args: argparse.Namespace) -> int:
     try:
         config = SynthConfig(videos=args.videos, frames=args.frames, height=height, width=width,
                              labeled_every=args.labeled_every, seed=args.seed, fps=args.fps,
-                             motion=args.motion)
+                             motion=args.motion, cuts=args.cuts)
     except ValueError as e:  # option combinations argparse can't check one by one
         print(f"dcfm synth: error: {e}", file=sys.stderr)
         return ExitCode.USAGE

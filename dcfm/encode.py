@@ -44,13 +44,18 @@ def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: int, crf: int = 18) -> int:
+def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: int, crf: int = 18,
+                force_keyframes: Iterable[int] = ()) -> int:
     """Encode RGB uint8 frames (H, W, 3; H and W even) as H.264 yuv420p MP4; return the frame count.
+
+    ``force_keyframes``: frame indices encoded as I-frames (seek points), e.g. scene cuts, as footage edited
+    from separately recorded clips has them.
 
     Output is byte-identical for identical input (single-threaded x264, bitexact muxing) when
     the width is a multiple of 32; see _X264_OPTIONS for why other widths may not be.
     """
     options = dict(_X264_OPTIONS, crf=str(int(crf)))
+    forced = set(force_keyframes)
     count = 0
     with av.open(
         str(path),
@@ -80,6 +85,8 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: int, crf: i
                 raise ValueError(f"frame {count} has shape {rgb.shape}, expected {(stream.height, stream.width, 3)}")
             frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(rgb), format="yuv420p")
             frame.pts = count
+            if count in forced:
+                frame.pict_type = av.video.frame.PictureType.I
             container.mux(stream.encode(frame))
             count += 1
         if stream is None:

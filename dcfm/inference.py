@@ -9,6 +9,14 @@ frames waiting for their next keyframe — never one deep map per frame of the c
 
 What a keyframe caches is not f_com itself but its share of the FFM conv (``FeatureFusion.keyframe_term``),
 so a non-keyframe costs only the shallow layers, a thin conv, BN, the norm and the head.
+
+A model trained with ``nonkey_scale`` s < 1 runs its non-keyframes on frames resized by s (AR-Seg's altered
+resolution): the keyframe term is aligned once per keyframe to the low-resolution grid, the non-key logits are
+coarser and are upsampled to the output size like any others. Keyframes always run at full resolution.
+
+Keyframe policies: a fixed interval (optionally with a ``phase``: keyframes where ``index % interval == phase``,
+the frames before the first one using the next keyframe only), adaptive (a distance threshold), or ``codec``:
+the stream's own I-frames/seek points (the probe's ``keyframes``), bounded by ``min_interval``/``max_interval``.
 """
 
 from __future__ import annotations
@@ -42,7 +50,9 @@ class KeyframeScore(str, Enum):
 
 @dataclass
 class KeyframePolicy:
-    """A fixed interval ``interval``, or (``adaptive``) a distance threshold bounded by min/max gaps."""
+    """A fixed interval ``interval``; or (``adaptive``) a distance threshold bounded by min/max gaps; or
+    (``codec``) the stream's own seek points, kept when at least ``min_interval`` after the last keyframe, with a
+    keyframe forced ``max_interval`` after the last one. ``phase`` shifts a fixed schedule (evaluation)."""
 
     interval: int = 2
     adaptive: bool = False
@@ -50,20 +60,31 @@ class KeyframePolicy:
     max_interval: int = 6
     threshold: float = 0.1
     score: KeyframeScore = KeyframeScore.RGB
+    codec: bool = False
+    phase: int = 0
 
     def __post_init__(self) -> None:
         self.score = KeyframeScore(self.score)
         if self.interval < 1:
             raise ValueError(f"keyframe interval must be >= 1, got {self.interval}")
-        if self.adaptive and not 1 <= self.min_interval <= self.max_interval:
+        if self.adaptive and self.codec:
+            raise ValueError("choose adaptive or codec keyframes, not both")
+        if (self.adaptive or self.codec) and not 1 <= self.min_interval <= self.max_interval:
+            kind = "adaptive" if self.adaptive else "codec"
             raise ValueError(
-                f"adaptive keyframes need 1 <= min_interval <= max_interval, got {self.min_interval}, {self.max_interval}"
+                f"{kind} keyframes need 1 <= min_interval <= max_interval, got {self.min_interval}, {self.max_interval}"
             )
+        if not 0 <= self.phase < self.interval or (self.phase and (self.adaptive or self.codec)):
+            raise ValueError(f"phase must be in 0..interval-1 of a fixed schedule, got {self.phase}")
+
+    @property
+    def fixed(self) -> bool:
+        return not (self.adaptive or self.codec)
 
     @property
     def longest_gap(self) -> int:
         """The largest possible distance between consecutive keyframes."""
-        return self.max_interval if self.adaptive else self.interval
+        return self.interval if self.fixed else self.max_interval
 
 
 @dataclass
@@ -77,6 +98,9 @@ class InferenceConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     return_logits: bool = False  # keep per-frame logits (CPU, output size) on the results; for evaluation/tests
+    # Non-keyframe resolution scale; None: the one the model was trained for (DCFMConfig.nonkey_scale). Any
+    # other value is refused: the cross-resolution fusion exists (and is trained) only for the model's own s.
+    nonkey_scale: float | None = None
 
     def __post_init__(self) -> None:
         self.mode = ReuseMode(self.mode)
@@ -101,6 +125,7 @@ class FrameResult:
 class _Keyframe:
     index: int
     term: torch.Tensor  # 1 x C x h x w, FeatureFusion.keyframe_term(f_com)
+    aligned: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # term on low-res grids
 
 
 @dataclass
@@ -119,6 +144,7 @@ class _ClipState:
     last_key_reference: torch.Tensor | None = None  # what adaptive scoring compares with
     pending: list[_Frame] = field(default_factory=list)  # bidirectional: waiting for their next keyframe
     deep_frames: int = 0  # frames that went through the deep layers (for tests and stats)
+    codec_keyframes: frozenset[int] = frozenset()  # the stream's seek points (codec policy)
 
 
 def _as_uint8_hwc(frame: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -145,6 +171,14 @@ class ClipSegmenter:
         self._mean = torch.tensor(self.config.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(self.config.std, device=self.device).view(1, 3, 1, 1) * 255.0
         self._label_dtype = label_dtype(model.config.num_classes)
+        trained = model.config.nonkey_scale
+        asked = trained if self.config.nonkey_scale is None else float(self.config.nonkey_scale)
+        if asked != trained:
+            raise ValueError(
+                f"non-keyframe scale {asked:g}: this model was trained for {trained:g} (its checkpoint card says so); "
+                f"run it with --nonkey-scale {trained:g}, or train a model for {asked:g} (dcfm train --nonkey-scale)"
+            )
+        self.nonkey_scale = trained
 
     # --- public ------------------------------------------------------------------------------------------------
     def segment(
@@ -152,6 +186,7 @@ class ClipSegmenter:
         frames: torch.Tensor | np.ndarray | Iterable[np.ndarray | torch.Tensor],
         start_index: int = 0,
         lookahead_from: int | None = None,
+        codec_keyframes: Iterable[int] | None = None,
     ) -> Iterator[FrameResult]:
         """Segment a clip, yielding one result per frame in order.
 
@@ -162,8 +197,13 @@ class ClipSegmenter:
         ``lookahead_from``: positions >= this are look-ahead: the first one is used as the next keyframe of
         the clip's last frames (bidirectional mode) and nothing from it is emitted. A chunked reader passes
         the next chunk's first frame, which is always a keyframe, so chunking does not change the results.
+        ``codec_keyframes``: the video's seek points (display indices, ``VideoProbe.keyframes``), which the
+        ``codec`` policy takes as keyframes within its interval bounds.
         """
-        state = _ClipState()
+        if self.config.keyframes.codec and codec_keyframes is None:
+            raise ValueError("the codec keyframe policy needs the stream's seek points: pass codec_keyframes= "
+                             "(VideoProbe.keyframes)")
+        state = _ClipState(codec_keyframes=frozenset(codec_keyframes or ()))
         self.last_clip = state  # exposes deep_frames for tests and statistics
         stream = iter(frames)
         position = 0
@@ -200,31 +240,70 @@ class ClipSegmenter:
         with torch.inference_mode():
             images = torch.stack([f for _, f, _ in block]).to(self.device, non_blocking=True)
             images = (images.permute(0, 3, 1, 2).float() - self._mean) / self._std
-            independent = model.independent(images)
-            frames = [
-                _Frame(index, independent[j : j + 1], self._decide_keyframe(index, images[j], independent[j], emit, state), emit)
-                for j, (index, _, emit) in enumerate(block)
-            ]
-            key_positions = [j for j, f in enumerate(frames) if f.is_keyframe]
+            if self.nonkey_scale == 1:
+                independent = model.independent(images)
+                frames = [
+                    _Frame(index, independent[j : j + 1], self._decide_keyframe(index, images[j], independent[j], emit, state), emit)
+                    for j, (index, _, emit) in enumerate(block)
+                ]
+                key_positions = [j for j, f in enumerate(frames) if f.is_keyframe]
+                key_independent = independent[key_positions] if key_positions else None
+            else:
+                frames, key_independent, key_positions = self._lowres_frames(block, images, state)
             keyframes: list[_Keyframe] = [state.last_key] if state.last_key is not None else []
             if key_positions:
-                terms = model.fusion.keyframe_term(model.common(independent[key_positions]))
+                terms = model.fusion.keyframe_term(model.common(key_independent))
                 state.deep_frames += len(key_positions)
                 keyframes += [_Keyframe(frames[j].index, terms[n : n + 1]) for n, j in enumerate(key_positions)]
             state.output_size = self.config.output_size or (images.shape[-2], images.shape[-1])
             results = self._resolve(state.pending + frames, keyframes, state)
-            state.last_key = keyframes[-1]
+            state.last_key = keyframes[-1] if keyframes else None
         return results
+
+    def _lowres_frames(
+        self, block: list[tuple[int, torch.Tensor, bool]], images: torch.Tensor, state: _ClipState
+    ) -> tuple[list[_Frame], torch.Tensor | None, list[int]]:
+        """Reduced-resolution non-keyframes: keyframes get full-resolution f_ind, the others f_ind at s.
+
+        Returns the frames, the keyframes' full-resolution f_ind (in block order) and their positions. Only
+        feature-scored adaptive scheduling needs features before the decision; it scores on the low-res ones.
+        """
+        policy, model = self.config.keyframes, self.model
+        scored = model.independent_lowres(images) if policy.adaptive and policy.score is KeyframeScore.FEATURE else None
+        decisions = [
+            self._decide_keyframe(index, images[j], scored[j] if scored is not None else None, emit, state)
+            for j, (index, _, emit) in enumerate(block)
+        ]
+        key_positions = [j for j, key in enumerate(decisions) if key]
+        others = [j for j, key in enumerate(decisions) if not key]
+        full = model.independent(images[key_positions]) if key_positions else None
+        lowres: dict[int, torch.Tensor] = {}
+        if scored is not None:
+            lowres = dict(enumerate(scored))
+        elif others:
+            lowres = dict(zip(others, model.independent_lowres(images[others])))
+        full_of = dict(zip(key_positions, full)) if full is not None else {}
+        frames = [
+            _Frame(index, (full_of[j] if decisions[j] else lowres[j])[None], decisions[j], emit)
+            for j, (index, _, emit) in enumerate(block)
+        ]
+        return frames, full, key_positions
 
     def _decide_keyframe(
         self, index: int, image: torch.Tensor, independent: torch.Tensor, emit: bool, state: _ClipState
     ) -> bool:
         policy = self.config.keyframes
         last = state.last_key_index
-        if last is None or not emit:
-            is_key = True  # the clip's first frame, and the look-ahead frame (the next chunk's first frame)
+        if not emit:
+            is_key = True  # the look-ahead frame (the next chunk's first frame)
+        elif last is None:
+            # The clip's first frame; a phased schedule leaves the frames before its first keyframe to the next.
+            is_key = not policy.phase or index % policy.interval == policy.phase
+        elif policy.codec:
+            gap = index - last
+            is_key = gap >= policy.max_interval or (gap >= policy.min_interval and index in state.codec_keyframes)
         elif not policy.adaptive:
-            is_key = index % policy.interval == 0
+            is_key = index % policy.interval == policy.phase
         else:
             gap = index - last
             if gap < policy.min_interval:
@@ -254,10 +333,16 @@ class ClipSegmenter:
             if frame.is_keyframe:
                 refs = [key_by_index[frame.index]]
             else:
-                previous = max((k for k in keyframes if k.index < frame.index), key=lambda k: k.index)
-                refs = [previous]
+                earlier = [k for k in keyframes if k.index < frame.index]
+                following = [k for k in keyframes if k.index > frame.index]
+                if not earlier:  # before the clip's first keyframe (phased schedules): the next one only
+                    if not following:
+                        state.pending.append(frame)
+                        continue
+                    plans.append((frame, [min(following, key=lambda k: k.index)]))
+                    continue
+                refs = [max(earlier, key=lambda k: k.index)]
                 if bidirectional:
-                    following = [k for k in keyframes if k.index > frame.index]
                     if not following:
                         state.pending.append(frame)
                         continue
@@ -269,7 +354,9 @@ class ClipSegmenter:
         """End of clip: frames still waiting for a next keyframe use the previous one only."""
         if not state.pending:
             return []
-        assert state.last_key is not None
+        if state.last_key is None:
+            raise ValueError(f"the clip ended before its first keyframe (keyframe phase "
+                             f"{self.config.keyframes.phase}); use a smaller phase for clips this short")
         with torch.inference_mode():
             plans = [(frame, [state.last_key]) for frame in state.pending]
             state.pending = []
@@ -282,18 +369,46 @@ class ClipSegmenter:
         if not emitted:
             return []
         pairs = [(frame, ref) for frame, refs in emitted for ref in refs]
-        logits = self.model.logits_from_term(
-            torch.cat([ref.term for _, ref in pairs]), torch.cat([frame.independent for frame, _ in pairs])
-        )
+        if self.nonkey_scale == 1:
+            logits = self.model.logits_from_term(
+                torch.cat([ref.term for _, ref in pairs]), torch.cat([frame.independent for frame, _ in pairs])
+            )
+        else:
+            logits = self._lowres_logits(pairs)
         results = []
         offset = 0
         for frame, refs in emitted:
             per_ref = logits[offset : offset + len(refs)]
+            if isinstance(per_ref, list):  # reduced resolution: one tensor per pair, one grid per frame
+                per_ref = torch.cat(per_ref)
             offset += len(refs)
             results.append(self._frame_result(frame, refs, per_ref, output_size))
         if self.device.type != "cpu":
             results = _to_host(results, self._label_dtype)
         return results
+
+    def _lowres_logits(self, pairs: list[tuple[_Frame, _Keyframe]]) -> list[torch.Tensor]:
+        """Logits per (frame, keyframe) pair when non-keyframes run at reduced resolution: keyframes and
+        non-keyframes go through fusion + head as two batches (their grids differ)."""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
+        for want_key in (True, False):
+            positions = [n for n, (frame, _) in enumerate(pairs) if frame.is_keyframe is want_key]
+            if not positions:
+                continue
+            terms = torch.cat([self._term_for(*pairs[n]) for n in positions])
+            logits = self.model.logits_from_term(terms, torch.cat([pairs[n][0].independent for n in positions]))
+            for m, n in enumerate(positions):
+                out[n] = logits[m : m + 1]
+        return out
+
+    def _term_for(self, frame: _Frame, ref: _Keyframe) -> torch.Tensor:
+        """The keyframe term on the frame's grid, aligned once per keyframe and grid."""
+        if frame.is_keyframe:
+            return ref.term
+        size = tuple(frame.independent.shape[-2:])
+        if size not in ref.aligned:
+            ref.aligned[size] = self.model.align_term(ref.term, frame.independent)
+        return ref.aligned[size]
 
     def _frame_result(
         self, frame: _Frame, refs: list[_Keyframe], per_ref: torch.Tensor, output_size: tuple[int, int]

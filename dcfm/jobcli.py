@@ -88,13 +88,19 @@ def add_reuse_arguments(p: argparse.ArgumentParser, mode_default: str) -> None:
     p.add_argument("--mode", choices=["causal", "bidirectional"], default=mode_default,
                    help="reuse the previous keyframe only, or sum previous and next (default %(default)s)")
     p.add_argument("--adaptive", action="store_true", help="adaptive keyframe scheduling instead of a fixed K")
+    p.add_argument("--codec-keyframes", action="store_true",
+                   help="keyframes on the stream's own I-frames/seek points (chunks aligned to them), at least "
+                        "--min-interval apart, at most --max-interval")
     add_config_options(p, [
-        (KeyframePolicy, "--min-interval", positive_int, "adaptive: minimum keyframe gap"),
-        (KeyframePolicy, "--max-interval", positive_int, "adaptive: maximum keyframe gap"),
+        (KeyframePolicy, "--min-interval", positive_int, "adaptive/codec: minimum keyframe gap"),
+        (KeyframePolicy, "--max-interval", positive_int, "adaptive/codec: maximum keyframe gap"),
         (KeyframePolicy, "--threshold", float, "adaptive: distance that triggers a keyframe"),
     ])
     p.add_argument("--score", choices=["rgb", "feature"], default=default("score"),
                    help="adaptive: mean |dRGB| (the authors') or shallow-feature cosine distance (TFC-style)")
+    p.add_argument("--nonkey-scale", type=float, default=None, metavar="S",
+                   help="non-keyframe resolution scale; only the one the checkpoint was trained for is accepted "
+                        "(default: the checkpoint's, recorded in its card)")
 
 
 def keyframe_policy(args: argparse.Namespace):
@@ -102,7 +108,8 @@ def keyframe_policy(args: argparse.Namespace):
     from dcfm.inference import KeyframePolicy  # keeps `dcfm --help` free of torch
 
     return KeyframePolicy(interval=args.keyframe_interval, adaptive=args.adaptive, min_interval=args.min_interval,
-                          max_interval=args.max_interval, threshold=args.threshold, score=args.score)
+                          max_interval=args.max_interval, threshold=args.threshold, score=args.score,
+                          codec=getattr(args, "codec_keyframes", False))
 
 
 def run_job(

@@ -7,6 +7,29 @@ Three entry points matter:
 * ``forward_pair`` – the symmetric training pair of §3 (labelled frame + unlabelled neighbour).
 
 Logits are returned at feature resolution; ``upsample_logits`` brings them to a label size.
+
+Reduced-resolution non-keyframes (AR-Seg with DCFM, ``DCFMConfig.nonkey_scale`` s < 1): a non-keyframe's
+shallow features are computed on the frame resized by s. ``CrossResolutionFusion`` (CReFF-style) aligns the
+keyframe's cached fusion term to the low-resolution independent feature by area resampling, and a zero-initialised
+depthwise 3x3 + BN residual corrects the low-resolution independent feature (its statistics differ from the
+full-resolution one's the FFM was fitted to); AR-Seg's motion-vector warping and local attention are left out,
+since DCFM reuses common features without alignment. Training adds an FST-style similarity loss between the
+low-resolution non-key fused feature and the (detached) full-resolution keyframe fused feature of the same
+frame. s = 1 builds no extra module and runs exactly the original code.
+
+METHOD notes, where this code departs from the authors' official code, and why:
+
+* L2 norm and the channel half: the official code L2-normalises all of f_ind, then the FFM takes its first half;
+  here the half is taken first and normalised by itself. Kept: the used channels then have unit norm whatever
+  the unused half holds, and changing it would silently change what every saved checkpoint computes.
+* Head width: the ResNet head's hidden 1x1 conv is 256 wide (``FeatureContract.head_hidden_channels``).
+  METHOD.md does not give this width; 256 is mmsegmentation's usual decode-head width and has not been checked
+  against the authors' code. MiT/PVTv2 heads are dropout + classifier, as METHOD.md says.
+* Decoder learning-rate group (``dcfm.train.recipe.build_optimizer``): the SegFormer all-MLP decoder and the PPM are
+  built here, not by timm, so they sit in the decoder group (10x lr in the AdamW recipe). That matches the
+  SegFormer-style configs, which give everything under the decode head (the all-MLP decoder included) lr_mult
+  10; the SGD recipe uses 1x for every group. Their zero weight decay on norms and position blocks is not
+  reproduced: every parameter gets the recipe's weight decay.
 """
 
 from __future__ import annotations
@@ -34,6 +57,14 @@ class DCFMConfig:
     fusion_channels: int | None = None  # FFM output width; defaults to the common feature width
     dropout: float = 0.1
     pretrained_backbone: bool = False  # ImageNet weights from the timm hub (needs network access)
+    # Non-keyframes run at this fraction of the keyframe resolution (AR-Seg's altered resolution; 0.5 is its
+    # setting). 1.0 is plain DCFM. The architecture depends on it (s < 1 adds the cross-resolution fusion).
+    nonkey_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < float(self.nonkey_scale) <= 1:
+            raise ValueError(f"nonkey_scale must be in (0, 1], got {self.nonkey_scale}")
+        self.nonkey_scale = float(self.nonkey_scale)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +96,10 @@ class PairOutput:
     labeled_fused: torch.Tensor  # F_L, eq. (10)
     neighbour_fused: torch.Tensor  # F_U
     neighbour_logits: torch.Tensor  # Dec(F_U), only used to build the consistency mask
+    # nonkey_scale < 1 only: the low-resolution non-key fused features of both directions (L as non-key of U,
+    # U as non-key of L) and the full-resolution keyframe fused features they are pulled towards (FST-style).
+    lowres_fused: tuple[torch.Tensor, ...] = ()
+    lowres_targets: tuple[torch.Tensor, ...] = ()
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -103,6 +138,47 @@ class FeatureFusion(nn.Module):
 
     def forward(self, common: torch.Tensor, independent: torch.Tensor) -> torch.Tensor:
         return self.combine(self.keyframe_term(common), independent)
+
+
+def resize_images(images: torch.Tensor, scale: float) -> torch.Tensor:
+    """Frames resized by ``scale`` (bilinear, antialiased): what a reduced-resolution non-keyframe sees."""
+    if scale == 1.0:
+        return images
+    size = lowres_size(tuple(images.shape[-2:]), scale)
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def lowres_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """(H, W) of a frame of ``size`` at ``scale`` (at least 1 pixel)."""
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+class CrossResolutionFusion(nn.Module):
+    """CReFF-style bridge from a full-resolution keyframe to a reduced-resolution non-keyframe.
+
+    ``align`` brings the keyframe's cached fusion term to the low-resolution independent feature's grid (area
+    resampling, or nothing when the grids already agree, e.g. ResNet at s = 0.5: stride 8 of the keyframe =
+    stride 4 of the half-size frame); ``correct`` adds a learned depthwise 3x3 + BN residual to the used half of
+    the low-resolution f_ind. The BN's weight starts at zero, so an untrained bridge is plain resampling.
+    """
+
+    def __init__(self, independent_used: int) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(independent_used, independent_used, 3, padding=1, groups=independent_used,
+                                   bias=False)
+        self.norm = nn.BatchNorm2d(independent_used)
+        nn.init.zeros_(self.norm.weight)
+
+    @staticmethod
+    def align(keyframe_term: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The keyframe term on a grid no finer than ``size`` (the FFM itself resizes f_ind when it is finer)."""
+        h, w = keyframe_term.shape[-2:]
+        if h <= size[0] and w <= size[1]:
+            return keyframe_term
+        return F.interpolate(keyframe_term, size=(min(h, size[0]), min(w, size[1])), mode="area")
+
+    def correct(self, independent_half: torch.Tensor) -> torch.Tensor:
+        return independent_half + self.norm(self.depthwise(independent_half))
 
 
 def build_head(in_channels: int, num_classes: int, hidden: int | None, dropout: float) -> nn.Sequential:
@@ -147,6 +223,11 @@ class DCFM(nn.Module):
         self.head = build_head(fusion_channels, config.num_classes, contract.head_hidden_channels, config.dropout)
         self.common_channels = common_channels
         self.fusion_channels = fusion_channels
+        self.nonkey_scale = config.nonkey_scale
+        # Only a reduced-resolution model has the bridge, so s = 1 checkpoints keep their exact state dict.
+        self.cross_resolution = (
+            CrossResolutionFusion(self.fusion.independent_used) if config.nonkey_scale < 1 else None
+        )
 
     # --- the building blocks, eqs. (1)-(6) -------------------------------------------------------------------
     def independent(self, images: torch.Tensor) -> torch.Tensor:
@@ -165,6 +246,25 @@ class DCFM(nn.Module):
         """Logits of frames given a keyframe's cached fusion term (``fusion.keyframe_term(f_com)``)."""
         return self.decode(l2_normalize(self.fusion.combine(keyframe_term, independent)))
 
+    # --- reduced-resolution non-keyframes (nonkey_scale < 1) ------------------------------------------------------
+    def independent_lowres(self, images: torch.Tensor) -> torch.Tensor:
+        """f_ind of full-resolution ``images`` resized by ``nonkey_scale``, the bridge's correction applied to the
+        half the FFM uses. The result goes to ``logits_from_term`` like any f_ind."""
+        independent = self.independent(resize_images(images, self.nonkey_scale))
+        if self.cross_resolution is None:
+            return independent
+        used = self.fusion.independent_used
+        return self.cross_resolution.correct(independent[:, :used])
+
+    def align_term(self, keyframe_term: torch.Tensor, independent: torch.Tensor) -> torch.Tensor:
+        """A keyframe's cached term on the grid of a (low-resolution) non-keyframe's f_ind; cache it per keyframe."""
+        return CrossResolutionFusion.align(keyframe_term, tuple(independent.shape[-2:]))
+
+    def fuse_lowres(self, common: torch.Tensor, independent_lowres: torch.Tensor) -> torch.Tensor:
+        """F of a reduced-resolution non-keyframe: eq. (5) with the keyframe term aligned to its grid."""
+        term = self.align_term(self.fusion.keyframe_term(common), independent_lowres)
+        return l2_normalize(self.fusion.combine(term, independent_lowres))
+
     def decode(self, fused: torch.Tensor) -> torch.Tensor:
         """S = Dec(F), eqs. (4) and (6), at feature resolution."""
         return self.head(fused)
@@ -177,7 +277,10 @@ class DCFM(nn.Module):
         return KeyframeOutput(independent, common, self.decode(self.fuse(common, independent)))
 
     def forward_reuse(self, images: torch.Tensor, common: torch.Tensor) -> torch.Tensor:
-        """Non-keyframe path: logits of ``images`` given a keyframe's cached ``common`` feature."""
+        """Non-keyframe path: logits of ``images`` given a keyframe's cached ``common`` feature (at the reduced
+        resolution when ``nonkey_scale`` < 1; then the logits are coarser than a keyframe's)."""
+        if self.nonkey_scale < 1:
+            return self.decode(self.fuse_lowres(common, self.independent_lowres(images)))
         return self.decode(self.fuse(common, self.independent(images)))
 
     def forward_pair(self, labeled: torch.Tensor, neighbour: torch.Tensor) -> PairOutput:
@@ -189,10 +292,21 @@ class DCFM(nn.Module):
         com_l, com_u = common[:batch], common[batch:]
         fused_l = self.fuse(com_l, ind_l)
         fused_u = self.fuse(com_u, ind_u)
-        fused_reuse = self.fuse(com_u, ind_l)
-        logits = self.decode(torch.cat([fused_l, fused_u, fused_reuse]))
-        key_logits, neighbour_logits, reuse_logits = logits.split(batch)
-        return PairOutput(key_logits, reuse_logits, fused_l, fused_u, neighbour_logits)
+        if self.nonkey_scale == 1:
+            fused_reuse = self.fuse(com_u, ind_l)
+            logits = self.decode(torch.cat([fused_l, fused_u, fused_reuse]))
+            key_logits, neighbour_logits, reuse_logits = logits.split(batch)
+            return PairOutput(key_logits, reuse_logits, fused_l, fused_u, neighbour_logits)
+        # Reduced resolution: the non-key side of the pair runs at s. Both directions (L as non-key of U, which
+        # also gets the CE, and U as non-key of L) are pulled towards the full-resolution keyframe feature of
+        # the same frame (FST-style).
+        key_logits, neighbour_logits = self.decode(torch.cat([fused_l, fused_u])).split(batch)
+        lowres = self.independent_lowres(torch.cat([labeled, neighbour]))
+        low_reuse_l = self.fuse_lowres(com_u, lowres[:batch])
+        low_reuse_u = self.fuse_lowres(com_l, lowres[batch:])
+        reuse_logits = self.decode(low_reuse_l)
+        return PairOutput(key_logits, reuse_logits, fused_l, fused_u, neighbour_logits,
+                          lowres_fused=(low_reuse_l, low_reuse_u), lowres_targets=(fused_l, fused_u))
 
     def forward(self, images: torch.Tensor, neighbour: torch.Tensor | None = None) -> torch.Tensor | PairOutput:
         """Per-frame logits at the input size (every frame a keyframe); with ``neighbour``, the training pair.

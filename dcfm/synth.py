@@ -46,6 +46,9 @@ class SynthConfig:
     # How fast the world moves per frame (camera, objects, lighting, ripples); 1 is the default street.
     # Larger values make neighbouring frames differ more, which is what keyframe reuse has to cope with.
     motion: float = 1.0
+    # Scene cuts per video: the video jumps to another, unrelated scene this many times (at evenly spaced frames,
+    # jittered), as edited footage does; the encoder starts a new GOP at each (x264 scene-cut detection).
+    cuts: int = 0
 
     def __post_init__(self) -> None:
         for name in ("videos", "frames", "height", "width", "labeled_every", "fps"):
@@ -57,6 +60,8 @@ class SynthConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if not 0 < self.motion <= 16:
             raise ValueError(f"motion must be in (0, 16], got {self.motion}")
+        if not 0 <= self.cuts < self.frames:
+            raise ValueError(f"cuts must be in 0..frames-1, got {self.cuts} for {self.frames} frames")
         if not labeled_frame_indices(self.frames, self.labeled_every):
             raise ValueError(f"labeled_every={self.labeled_every} labels no frame of a {self.frames}-frame video "
                              f"(the first labelled frame is {self.labeled_every // 2})")
@@ -140,8 +145,26 @@ def render_video(config: SynthConfig, index: int) -> Iterator[tuple[np.ndarray, 
     """
     rng = np.random.default_rng([config.seed, index])
     scene = world.build_scene(rng, config.height, config.width, motion=config.motion)
+    cuts = cut_frames(config, index)
+    start = 0
     for t in range(config.frames):
-        yield scene.render(t)
+        if t in cuts:  # a new, unrelated scene from here on; scene j's randomness depends on j only
+            scene = world.build_scene(np.random.default_rng([config.seed, index, t]), config.height, config.width,
+                                      motion=config.motion)
+            start = t
+        yield scene.render(t - start)
+
+
+def cut_frames(config: SynthConfig, index: int) -> tuple[int, ...]:
+    """The first frames of the new scenes of video ``index`` (none without ``cuts``): evenly spaced, jittered by
+    up to a quarter of the spacing."""
+    if not config.cuts:
+        return ()
+    rng = np.random.default_rng([config.seed, index, 0xC07])
+    spacing = config.frames / (config.cuts + 1)
+    jitter = rng.uniform(-spacing / 4, spacing / 4, size=config.cuts)
+    return tuple(sorted({min(config.frames - 1, max(1, round(spacing * (j + 1) + jitter[j])))
+                         for j in range(config.cuts)}))
 
 
 def write_label_png(path: Path, label: np.ndarray) -> None:
@@ -176,7 +199,8 @@ def generate_corpus(out_dir: Path, config: SynthConfig) -> Path:
                     write_label_png(label_dir / label_filename(t), label)
                 yield rgb
 
-        write_video(out_dir / "videos" / f"{vid}.mp4", frames_and_labels(), fps=config.fps)
+        write_video(out_dir / "videos" / f"{vid}.mp4", frames_and_labels(), fps=config.fps,
+                    force_keyframes=cut_frames(config, index))
         entries.append({
             "id": vid,
             "video": f"videos/{vid}.mp4",
@@ -197,6 +221,8 @@ def generate_corpus(out_dir: Path, config: SynthConfig) -> Path:
         "labeled_every": config.labeled_every,
         "videos": entries,
     }
+    if config.cuts:  # the first frame of every new scene, per video
+        manifest["cuts"] = {e["id"]: list(cut_frames(config, i)) for i, e in enumerate(entries)}
     path = out_dir / "manifest.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n", encoding="utf-8")

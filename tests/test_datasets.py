@@ -77,6 +77,14 @@ def test_cityscapes_delta_and_backward_fallback(tmp_path: Path) -> None:
     assert decode(ds[1].neighbour) == 3016
 
 
+def test_cityscapes_negative_delta_prefers_the_past(tmp_path: Path) -> None:
+    ds = CityscapesSequencePairs(make_cityscapes(tmp_path), "train", delta=-1)
+    assert [r.neighbour_index for r in ds.refs] == [18, 18] and decode(ds[0].neighbour) == 18
+    # 19 - 3 = 16 was not written, so the neighbour is 19 + 3.
+    fallback = CityscapesSequencePairs(make_cityscapes(tmp_path / "b", frames=range(19, 25)), "train", delta=-3)
+    assert [r.neighbour_index for r in fallback.refs] == [22, 22]
+
+
 def test_cityscapes_prefers_label_train_ids(tmp_path: Path) -> None:
     root = make_cityscapes(tmp_path, seqs=(0,))
     save(root / "gtFine/train/aachen/aachen_000000_000019_gtFine_labelTrainIds.png",

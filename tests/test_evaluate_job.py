@@ -173,11 +173,58 @@ def test_evaluate_runs_on_a_cityscapes_sequence_tree(tmp_path) -> None:
                                keyframes=KeyframePolicy(interval=4), mode="causal")
     summary = run_evaluate_job(config, log=lambda _: None)
     (row,) = summary.rows
-    # Three 6-frame snippets (17..22); each labelled frame 19 is third in its clip: a non-keyframe at k = 4.
-    assert (row["frames"], row["keyframes"], summary.header["labelled_frames"]) == (18, 6, 3)
-    assert row["miou"] is not None and row["miou_non_key"] == row["miou"] and row["vc8"] is None
+    # Three 6-frame snippets (17..22), each run at the 4 keyframe phases (keyframes per clip: 2, 2, 1, 1); the
+    # labelled frame 19 is third in its clip, so a keyframe at phase 2 only.
+    assert (row["frames"], row["keyframes"], summary.header["labelled_frames"]) == (72, 18, 3)
+    assert row["phase_averaged_clips"] == 3
+    assert row["miou"] is not None and row["miou_non_key"] is not None and row["vc8"] is None
     assert main(["evaluate", "--checkpoint", str(tmp_path / "m"), "--data", str(make_vspw(tmp_path / "vspw")),
                  "--output", str(tmp_path / "vspw-out"), "--split", "train"]) == 3  # 124 classes vs 19: refused
+
+
+def test_sparse_labels_are_scored_over_every_keyframe_phase(tmp_path) -> None:
+    """Cityscapes: the 20th of 30 frames is labelled. At k = 3 it is a keyframe in one phase of three and a
+    non-keyframe 1 or 2 frames after its keyframe in the others; the score pools all three, each computed here
+    from a plain ClipSegmenter run with that phase."""
+    from dcfm.evaluate.score import SettingAccumulator, phases_for, read_labels
+    from dcfm.inference import ClipSegmenter, InferenceConfig
+    from dcfm.metrics import ConfusionMatrix
+
+    root = make_cityscapes(tmp_path / "cs", frames=range(0, 30), seqs=(0, 4))
+    clips = open_clips(root, split="train")
+    assert [(v.frames, list(v.labels)) for v in clips.videos] == [(30, [19]), (30, [19])]
+    torch.manual_seed(0)
+    model = DCFM(DCFMConfig("resnet18", num_classes=19)).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+    config = InferenceConfig(keyframes=KeyframePolicy(interval=3), mode="causal", batch_size=8)
+    accumulator = SettingAccumulator(model, config, 19)
+    expected, expected_non_key = ConfusionMatrix(19), ConfusionMatrix(19)
+    roles = []
+    for video in clips.videos:
+        frames = [np.array(Image.fromarray(f).resize((W, H))) for f in video.iter_frames()]
+        labels = read_labels(video)
+        accumulator.add(video, frames, labels[19].shape, labels)
+        assert list(phases_for(video, config)) == [0, 1, 2]
+        for phase in range(3):
+            phased = InferenceConfig(keyframes=KeyframePolicy(interval=3, phase=phase), mode="causal",
+                                     output_size=labels[19].shape)
+            results = list(ClipSegmenter(model, phased).segment(frames))
+            if phase:  # frames before the first keyframe use the next keyframe only
+                assert results[0].keyframes == (phase,)
+            labelled = results[19]
+            roles.append((labelled.is_keyframe, 19 - max(labelled.keyframes)))
+            expected.update(labelled.labels, labels[19])
+            if not labelled.is_keyframe:
+                expected_non_key.update(labelled.labels, labels[19])
+    assert roles == [(False, 1), (True, 0), (False, 2)] * 2  # 19 % 3 == 1: a keyframe at phase 1 only
+    report = accumulator.report(clips.classes)
+    assert np.array_equal(accumulator.confusion.matrix, expected.matrix)
+    assert np.array_equal(accumulator.confusion_non_key.matrix, expected_non_key.matrix)
+    assert report.phase_averaged_clips == 2 and report.frames == 2 * 3 * 30 and report.keyframes == 2 * 30
+    # A fully labelled clip, or k = 1, has one phase only.
+    assert list(phases_for(clips.videos[0], InferenceConfig(keyframes=KeyframePolicy(interval=1)))) == [0]
 
 
 @pytest.mark.slow

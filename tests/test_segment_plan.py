@@ -117,6 +117,24 @@ def test_run_id_depends_on_what_decides_rows_only() -> None:
     assert base.run_id("d", (64, 128)) != other_k.run_id("d", (64, 128))
     assert base.run_id("d", (64, 128)) != base.run_id("e", (64, 128))
     assert base.run_id("d", (64, 128)) != base.run_id("d", (32, 64))
+    # Keyframe fields added later (codec, phase) leave run ids of runs without them as they were.
+    assert "codec" not in base.row_settings("d", (64, 128))["keyframes"]
+    codec = SegmentJobConfig(["a.mp4"], "out", "ckpt", keyframes=KeyframePolicy(codec=True, max_interval=12),
+                             chunk_frames=100)
+    assert codec.row_settings("d", (64, 128))["keyframes"]["codec"] is True
+    assert codec.aligned_chunk_frames == 100 and codec.row_settings("d", (64, 128))["chunk_frames"] == 100
+    assert lead_in_frames(codec.keyframes) == 0
+
+
+def test_codec_keyframes_from_the_command_line() -> None:
+    from dcfm.cli import build_parser
+    from dcfm.segment.cli import config_from_args
+
+    args = build_parser().parse_args(["segment", "v.mp4", "--output", "o", "--checkpoint", "c", "--codec-keyframes",
+                                      "--min-interval", "2", "--max-interval", "30", "--nonkey-scale", "0.5"])
+    config = config_from_args(args)
+    assert (config.keyframes.codec, config.keyframes.min_interval, config.keyframes.max_interval) == (True, 2, 30)
+    assert config.nonkey_scale == 0.5 and not config.keyframes.adaptive
 
 
 def test_bad_configuration_is_rejected() -> None:

@@ -155,17 +155,29 @@ def test_every_layout_trains_through_the_same_pair_stream(layout: str, tmp_path:
     assert np.isfinite(terms.total.item())
 
 
-def test_max_delta_draws_every_allowed_neighbour_distance(synth_root: Path) -> None:
+def test_max_delta_draws_every_allowed_neighbour_distance_in_both_directions(synth_root: Path) -> None:
     dataset, candidates = open_training_pairs(str(synth_root), delta=1, max_delta=3)
-    # Labelled frames 2 and 6 of 8: U = L + d where that frame exists, else L - d.
+    # Labelled frames 2 and 6 of 8: U = L ± d, an offset outside the clip falling back to the other sign.
     assert [[(r.labeled_index, r.neighbour_index) for r in c] for c in candidates] == [
-        [(2, 3), (2, 4), (2, 5)], [(6, 7), (6, 4), (6, 3)]] * 2
+        [(2, 3), (2, 1), (2, 4), (2, 0), (2, 5)], [(6, 7), (6, 5), (6, 4), (6, 3)]] * 2
     stream = PairStream(dataset, candidates, AugmentConfig(crop=(H, W)), batch_size=2, seed=0, rank=0)
-    drawn = {(r.labeled_index, r.neighbour_index) for step in range(12) for r in stream.pairs(step)}
-    assert drawn == {(2, 3), (2, 4), (2, 5), (6, 7), (6, 4), (6, 3)}
+    drawn = {(r.labeled_index, r.neighbour_index) for step in range(40) for r in stream.pairs(step)}
+    assert drawn == {(2, 3), (2, 1), (2, 4), (2, 0), (2, 5), (6, 7), (6, 5), (6, 4), (6, 3)}
     assert stream.pairs(5) == PairStream(dataset, candidates, AugmentConfig(), 2, 0, 0).pairs(5)
     with pytest.raises(ValueError, match="--max-delta"):
         TrainJobConfig(data=str(synth_root), output="/tmp/x/run", delta=2, max_delta=1)
+
+
+def test_pairs_look_both_ways_at_the_official_delta(synth_root: Path) -> None:
+    """δ = 1: the neighbour is the next or the previous frame, drawn per visit (the reuse path must also see past
+    keyframes, which causal inference uses), and about as often each."""
+    dataset, candidates = open_training_pairs(str(synth_root), delta=1)
+    assert [[r.neighbour_index - r.labeled_index for r in c] for c in candidates] == [[1, -1]] * 4
+    stream = PairStream(dataset, candidates, AugmentConfig(crop=(H, W)), batch_size=2, seed=0, rank=0)
+    signs = [r.neighbour_index - r.labeled_index for step in range(100) for r in stream.pairs(step)]
+    assert set(signs) == {1, -1} and 0.35 < signs.count(-1) / len(signs) < 0.65
+    backward = stream.dataset.load(next(r for c in candidates for r in c if r.neighbour_index < r.labeled_index))
+    assert backward.neighbour.shape == backward.labeled.shape
 
 
 def test_synth_decoded_video_cache_returns_the_same_frames(synth_root: Path) -> None:
@@ -222,5 +234,11 @@ def test_cli_builds_the_config() -> None:
     assert config.loss == LossWeights(0.0, 0.0) and config.optim.name == "adamw" and config.gpus_per_worker == 1
     assert config.optim.warmup_steps == 5  # the AdamW recipe's warm-up, capped at a tenth of the steps
     assert TrainJobConfig.from_json(config.to_json()) == config
+    assert config.nonkey_scale == 1.0
     with pytest.raises(ValueError, match="run directory"):
         TrainJobConfig(data="x", output="s3://bucket")
+    half = config_from_args(build_parser().parse_args(
+        ["train", "--data", "d", "--output", "runs/r", "--nonkey-scale", "0.5"]))
+    assert half.nonkey_scale == 0.5 and TrainJobConfig.from_json(half.to_json()) == half
+    with pytest.raises(ValueError, match="--nonkey-scale"):
+        TrainJobConfig(data="d", output="runs/r", nonkey_scale=0.0)

@@ -2,7 +2,8 @@
 
 A pair sample is a labelled frame ``I_L``, an unlabelled neighbour ``I_U`` (``U = L ± delta``) and the label
 ``Y_L`` (uint8 class indices, 255 = ignore).  Neighbour rule, all layouts: ``U = L + delta`` if that frame
-exists, else ``U = L - delta`` (e.g. the last labelled frame of a synth video).  A missing neighbour/label
+exists, else ``U = L - delta`` (e.g. the last labelled frame of a synth video); ``delta`` may be negative (a past
+neighbour preferred), and training draws the sign per visit (``dcfm.train.data.open_training_pairs``).  A missing neighbour/label
 file raises ``FileNotFoundError`` naming it.
 
 A clip (:class:`LabelledVideo`) is a video file or an ordered list of image files plus the label maps of
@@ -142,8 +143,9 @@ def pick_neighbour(index: int, delta: int, exists: Callable[[int], bool]) -> int
 
 
 def check_delta(delta: int) -> int:
-    if delta < 0:
-        raise ValueError(f"delta must be >= 0, got {delta}")
+    """A neighbour offset: ``U = L + delta``; negative prefers a past neighbour (training draws the sign)."""
+    if int(delta) != delta:
+        raise ValueError(f"delta must be an integer, got {delta}")
     return int(delta)
 
 

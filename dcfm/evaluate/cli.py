@@ -63,7 +63,7 @@ def config_from_args(args: argparse.Namespace):
         checkpoint=args.checkpoint, data=args.data, output=args.output, layout=args.layout, split=args.split,
         video_ids=[v for v in args.videos.split(",") if v] if args.videos else None,
         keyframes=keyframe_policy(args),
-        mode=args.mode, sweep=args.sweep, resolution=None if native else args.resolution, native_resolution=native,
+        mode=args.mode, nonkey_scale=args.nonkey_scale, sweep=args.sweep, resolution=None if native else args.resolution, native_resolution=native,
         batch_size=args.batch_size, device=args.device, threads=args.threads, save_masks=args.save_masks,
     )
 

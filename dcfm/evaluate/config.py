@@ -19,6 +19,8 @@ class Setting:
     @property
     def name(self) -> str:
         policy = self.keyframes
+        if policy.codec:
+            return f"codec-min{policy.min_interval}-max{policy.max_interval}-{self.mode.value}"
         if policy.adaptive:
             return (f"adaptive-{policy.score.value}-t{policy.threshold:g}-min{policy.min_interval}"
                     f"-max{policy.max_interval}-{self.mode.value}")
@@ -37,6 +39,7 @@ class EvaluateJobConfig:
     video_ids: list[str] | None = None
     keyframes: KeyframePolicy = field(default_factory=KeyframePolicy)
     mode: ReuseMode = ReuseMode.BIDIRECTIONAL
+    nonkey_scale: float | None = None  # None: the checkpoint's; another value than the checkpoint's is refused
     sweep: bool = False  # k = 1, 2, 4, 6 x causal / bidirectional instead of the one setting
     resolution: tuple[int, int] | None = None  # model input (H, W); None: the checkpoint's training size
     native_resolution: bool = False  # run the model on frames at their own size
@@ -49,8 +52,9 @@ class EvaluateJobConfig:
 
     def __post_init__(self) -> None:
         self.mode = ReuseMode(self.mode)
-        if self.sweep and self.keyframes.adaptive:
-            raise ValueError("--sweep scores fixed intervals 1, 2, 4, 6; it cannot be combined with --adaptive")
+        if self.sweep and not self.keyframes.fixed:
+            raise ValueError("--sweep scores fixed intervals 1, 2, 4, 6; it cannot be combined with --adaptive "
+                             "or --codec-keyframes")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.resolution is not None and self.native_resolution:

@@ -33,7 +33,7 @@ from dcfm.devices import pick_device
 from dcfm.evaluate.config import EvaluateJobConfig, Setting
 from dcfm.evaluate.report import CONVENTIONS, accuracy_vs_speed_png, markdown, result_row
 from dcfm.evaluate.score import SettingAccumulator, label_size, read_labels
-from dcfm.inference import ClipSegmenter, FrameResult, InferenceConfig
+from dcfm.inference import ClipSegmenter, FrameResult, InferenceConfig, KeyframePolicy
 from dcfm.storage import redact
 
 JSON_FILE, MARKDOWN_FILE, PLOT_FILE, MASKS_DIR = "evaluation.json", "evaluation.md", "accuracy_vs_speed.png", "masks"
@@ -71,6 +71,10 @@ def run_evaluate_job(config: EvaluateJobConfig, log: Callable[[str], None] = pri
         raise ValueError(f"{redact(config.checkpoint)} predicts {card.config.num_classes} classes but "
                          f"{redact(config.data)} ({clips.layout}) is labelled with {len(clips.classes)}; "
                          "evaluate on the data it was trained for")
+    if config.nonkey_scale is not None and config.nonkey_scale != card.nonkey_scale:
+        raise ValueError(f"--nonkey-scale {config.nonkey_scale:g}: {redact(config.checkpoint)} was trained for "
+                         f"non-keyframes at {card.nonkey_scale:g}; pass --nonkey-scale {card.nonkey_scale:g} "
+                         "or leave it out")
     resolution = None if config.native_resolution else tuple(config.resolution or card.train_size)
     settings = config.settings()
     accumulators = [
@@ -95,6 +99,7 @@ def run_evaluate_job(config: EvaluateJobConfig, log: Callable[[str], None] = pri
         if i == 0 and config.warmup:
             for acc in accumulators:  # first calls allocate and pick kernels; keep that out of the timings
                 warm = replace(acc.config, output_size=output_size)
+                warm = replace(warm, keyframes=KeyframePolicy(interval=2)) if not warm.keyframes.fixed else warm
                 list(ClipSegmenter(loaded.model, warm).segment(inputs[: 2 * config.batch_size]))
         for acc in accumulators:
             acc.add(video, inputs, output_size, labels)
@@ -106,6 +111,7 @@ def run_evaluate_job(config: EvaluateJobConfig, log: Callable[[str], None] = pri
         "checkpoint": redact(config.checkpoint),
         "model_digest": loaded.digest,
         "backbone": card.config.backbone,
+        "nonkey_scale": card.nonkey_scale,
         "data": redact(config.data),
         "layout": clips.layout,
         "split": config.split,
@@ -130,7 +136,8 @@ def _write_outputs(config: EvaluateJobConfig, header: dict, rows: list[dict],
     storage.write_bytes_atomic(files["markdown"], table.encode())
     if len(rows) > 1:
         files["plot"] = storage.join(config.output, PLOT_FILE)
-        title = f"{header['backbone']} on {header['layout']} ({header['videos']} clips, {header['device']})"
+        title = (f"{header['backbone']}, non-keyframes at {header['nonkey_scale']:g}x, on {header['layout']} "
+                 f"({header['videos']} clips, {header['device']})")
         storage.write_bytes_atomic(files["plot"], accuracy_vs_speed_png(rows, title))
     if config.save_masks:
         files["masks"] = storage.join(config.output, MASKS_DIR)

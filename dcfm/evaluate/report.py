@@ -13,6 +13,10 @@ CONVENTIONS = {
     "miou": "confusion matrix over every labelled frame of every clip; classes absent from both ground truth "
             "and prediction are NaN and left out of the mean (mmsegmentation's convention); ignore label 255",
     "miou_non_key": "the same over the labelled frames that were non-keyframes in this setting",
+    "phases": "sparsely labelled clips (Cityscapes, CamVid) at a fixed k > 1 are run once per keyframe phase "
+              "0..k-1 (keyframes where index % k == phase; frames before the first keyframe use the next one "
+              "only) and the confusion matrices of all phases are pooled, so the labelled frame takes every "
+              "position relative to the keyframes; frames, keyframes and time count every pass",
     "wiou": "frequency-weighted IoU: sum over classes of (GT pixels of c / valid GT pixels) x IoU_c",
     "vc": "VSPW VC_perclip.py: windows starting at 0..T-n-1 of fully labelled clips, pooled over all windows of "
           "all clips, nanmean; null when no clip is fully labelled and longer than n",
@@ -34,11 +38,13 @@ def result_row(setting: Setting, report: EvaluationReport) -> dict[str, Any]:
     return {
         "setting": setting.name,
         "mode": setting.mode.value,
-        "keyframe_interval": None if policy.adaptive else policy.interval,
+        "keyframe_interval": None if not policy.fixed else policy.interval,
         "adaptive": policy.adaptive,
+        "codec": policy.codec,
+        "phase_averaged_clips": report.phase_averaged_clips,
         "keyframe_policy": {"interval": policy.interval, "adaptive": policy.adaptive,
                             "min_interval": policy.min_interval, "max_interval": policy.max_interval,
-                            "threshold": policy.threshold, "score": policy.score.value},
+                            "threshold": policy.threshold, "score": policy.score.value, "codec": policy.codec},
         "miou": _finite(report.scores.miou),
         "miou_non_key": _finite(non_key.miou) if non_key else None,
         "wiou": _finite(report.scores.fwiou),
@@ -77,7 +83,7 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        k = "adaptive" if r["adaptive"] else str(r["keyframe_interval"])
+        k = "adaptive" if r["adaptive"] else "codec" if r.get("codec") else str(r["keyframe_interval"])
         lines.append(
             f"| {r['setting']} | {k} | {r['mode']} | {_fmt(r['miou'])} | {_fmt(r['miou_non_key'])} | "
             f"{_fmt(r['wiou'])} | "

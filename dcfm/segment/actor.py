@@ -260,7 +260,8 @@ class ChunkSegmenter:
         # and numpy release the GIL), in frame order; rows_s is the time the model loop waited for them.
         building: deque[Future] = deque()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcfm-rows") as builder:
-            for result in segmenter.segment(frames(), start_index=task.lead_start, lookahead_from=lookahead):
+            for result in segmenter.segment(frames(), start_index=task.lead_start, lookahead_from=lookahead,
+                                            codec_keyframes=task.keyframes):
                 if result.index >= task.start:
                     building.append(builder.submit(
                         self._row_values, task, result, previous, timestamps.pop(result.index), source_size))

@@ -78,6 +78,7 @@ def config_from_args(args: argparse.Namespace):
         checkpoint=args.checkpoint,
         keyframes=keyframe_policy(args),
         mode=args.mode,
+        nonkey_scale=args.nonkey_scale,
         chunk_frames=args.chunk_frames,
         resolution=args.resolution,
         mask_resolution=args.mask_resolution,

@@ -24,6 +24,7 @@ class SegmentJobConfig:
     checkpoint: str
     keyframes: KeyframePolicy = field(default_factory=KeyframePolicy)
     mode: ReuseMode = ReuseMode.BIDIRECTIONAL
+    nonkey_scale: float | None = None  # None: the checkpoint's; another value than the checkpoint's is refused
     chunk_frames: int = 256
     resolution: tuple[int, int] | None = None  # (H, W) the model runs at; None = the checkpoint's train size
     mask_resolution: MaskResolution = MaskResolution.SOURCE
@@ -66,20 +67,24 @@ class SegmentJobConfig:
     @property
     def aligned_chunk_frames(self) -> int:
         """Chunk length rounded up to a multiple of the keyframe interval, so chunking never moves a keyframe."""
-        k = 1 if self.keyframes.adaptive else self.keyframes.interval
+        k = 1 if not self.keyframes.fixed else self.keyframes.interval
         return -(-self.chunk_frames // k) * k
 
     def row_settings(self, model_digest: str, resolution: tuple[int, int]) -> dict:
         """The settings that decide every output row (and nothing else: not chunking, actors or paths)."""
+        keyframes = {**asdict(self.keyframes), "score": self.keyframes.score.value}
+        for name in ("codec", "phase"):  # added later: left out at their defaults so run ids stay the same
+            if not keyframes[name]:
+                del keyframes[name]
         settings = {
             "model_digest": model_digest,
-            "keyframes": {**asdict(self.keyframes), "score": self.keyframes.score.value},
+            "keyframes": keyframes,
             "mode": self.mode.value,
             "resolution": list(resolution),
             "mask_resolution": self.mask_resolution.value,
         }
-        if self.keyframes.adaptive:
-            # Every chunk starts on a keyframe, so adaptive schedules (only) depend on where chunks start.
+        if not self.keyframes.fixed:
+            # Every chunk starts on a keyframe, so adaptive and codec schedules depend on where chunks start.
             settings["chunk_frames"] = self.aligned_chunk_frames
         return settings
 

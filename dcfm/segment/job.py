@@ -136,6 +136,10 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
     items = expand_inputs(config.inputs)
     card, digest = read_card(config.checkpoint)
     resolution = tuple(config.resolution or card.train_size)
+    if config.nonkey_scale is not None and config.nonkey_scale != card.nonkey_scale:
+        raise ValueError(f"--nonkey-scale {config.nonkey_scale:g}: {redact(config.checkpoint)} was trained for "
+                         f"non-keyframes at {card.nonkey_scale:g}; pass --nonkey-scale {card.nonkey_scale:g} "
+                         "or leave it out")
     run_id = config.run_id(digest, resolution)
     layout = OutputLayout(config.output)
     committed = layout.committed()
@@ -269,7 +273,8 @@ def _pipeline(todo: list[InputItem], config: SegmentJobConfig, settings: ActorSe
         # cluster, which would otherwise leave the planner unschedulable and the pipeline stalled. Without
         # a CPU to bound them, Ray would start a worker process per video at once: cap them.
         .flat_map(plan_video, fn_kwargs={"chunk_frames": config.aligned_chunk_frames, "lead_in": lead_in,
-                                         "staging": staging},
+                                         "staging": staging,
+                                         "align_to_seek_points": config.keyframes.codec},
                   num_cpus=0, compute=TaskPoolStrategy(size=min(config.probe_concurrency, len(items))))
         .map_batches(
             ChunkSegmenter,
@@ -326,9 +331,11 @@ def _print_plan(todo: list[InputItem], config: SegmentJobConfig, log: Callable[[
             if err is not None:
                 log(f"| {item.video_id} | {redact(item.uri)} | unreadable: {err} | | | | |")
                 continue
-            tasks = plan_tasks(item.video_id, item.uri, probe_result, config.aligned_chunk_frames, lead_in)
+            codec = config.keyframes.codec
+            tasks = plan_tasks(item.video_id, item.uri, probe_result, config.aligned_chunk_frames, lead_in,
+                               align_to_seek_points=codec)
             chunks = 0 if tasks[0].chunk_index < 0 else len(tasks)
-            note = plan_chunks(probe_result, config.aligned_chunk_frames, lead_in).note if chunks else ""
+            note = plan_chunks(probe_result, config.aligned_chunk_frames, lead_in).note if chunks and not codec else ""
             total_frames += probe_result.frame_count
             total_chunks += chunks
             log(f"| {item.video_id} | {redact(item.uri)} | {probe_result.frame_count} | {probe_result.fps:.2f} | "

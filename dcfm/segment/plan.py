@@ -101,15 +101,25 @@ class ChunkTask:
 def lead_in_frames(policy: KeyframePolicy) -> int:
     """How far before a chunk's start decoding begins: back to the previous keyframe (fixed schedules).
 
-    Adaptive schedules start every chunk on a keyframe of its own and decode no lead-in, so the first
-    frame of each chunk has no label_change_rate (null) there.
+    Adaptive and codec schedules start every chunk on a keyframe of its own and decode no lead-in, so the
+    first frame of each chunk has no label_change_rate (null) there.
     """
-    return 0 if policy.adaptive else policy.interval
+    return 0 if not policy.fixed else policy.interval
 
 
 def chunk_bounds(frame_count: int, chunk_frames: int) -> list[tuple[int, int]]:
     """[start, stop) of every chunk."""
     return [(s, min(s + chunk_frames, frame_count)) for s in range(0, frame_count, chunk_frames)]
+
+
+def seek_point_bounds(frame_count: int, chunk_frames: int, seek_points: tuple[int, ...]) -> list[tuple[int, int]]:
+    """[start, stop) of chunks that start on the stream's seek points (codec keyframes): each chunk runs to the
+    first seek point at least ``chunk_frames`` after its start (or to the end), so it starts on a keyframe."""
+    starts = [0]
+    for point in sorted(seek_points):
+        if point - starts[-1] >= chunk_frames and point < frame_count:
+            starts.append(point)
+    return list(zip(starts, starts[1:] + [frame_count]))
 
 
 def probe_info(probe: VideoProbe) -> ProbeInfo:
@@ -155,16 +165,20 @@ def plan_chunks(probe: VideoProbe, chunk_frames: int, lead_in: int) -> ChunkPlan
 
 
 def plan_tasks(video_id: str, uri: str, probe: VideoProbe, chunk_frames: int, lead_in: int,
-               staged: frozenset[int] = frozenset()) -> list[ChunkTask]:
+               staged: frozenset[int] = frozenset(), align_to_seek_points: bool = False) -> list[ChunkTask]:
     """The chunk tasks of one probed video (one pass-through task for an empty video).
 
     ``staged``: chunk indices an interrupted run of the same settings already staged.
+    ``align_to_seek_points`` (codec keyframes): chunks start on the stream's seek points.
     """
     n = probe.frame_count
     info = probe_info(probe)
     if n == 0:
         return [ChunkTask(video_id, uri, chunk_index=-1, num_chunks=1, probe=info)]
-    plan = plan_chunks(probe, chunk_frames, lead_in)
+    if align_to_seek_points:  # chunks start on seek points: no pre-roll to budget
+        plan = ChunkPlan(seek_point_bounds(n, chunk_frames, probe.keyframes), n)
+    else:
+        plan = plan_chunks(probe, chunk_frames, lead_in)
     bounds = plan.bounds
     time_base = (probe.time_base.numerator, probe.time_base.denominator)
     tasks = []
@@ -198,7 +212,8 @@ def staged_chunks(staging_dir: str | None) -> frozenset[int]:
     return frozenset(found)
 
 
-def plan_video(row: dict, chunk_frames: int, lead_in: int, staging: str | None = None) -> list[dict]:
+def plan_video(row: dict, chunk_frames: int, lead_in: int, staging: str | None = None,
+               align_to_seek_points: bool = False) -> list[dict]:
     """Ray Data flat_map: probe one input and emit its chunk tasks (or one failed pass-through task).
 
     ``staging``: the run's staging root; chunks already staged there are marked for reuse.
@@ -207,7 +222,7 @@ def plan_video(row: dict, chunk_frames: int, lead_in: int, staging: str | None =
     try:
         probe = probe_video(uri)
         staged = staged_chunks(f"{staging.rstrip('/')}/{video_id}" if staging else None)
-        tasks = plan_tasks(video_id, uri, probe, chunk_frames, lead_in, staged)
+        tasks = plan_tasks(video_id, uri, probe, chunk_frames, lead_in, staged, align_to_seek_points)
     except VideoError as err:
         tasks = [ChunkTask(video_id, uri, -1, 1, error=TaskError(err.stage, type(err).__name__, str(err)))]
     except Exception as err:  # an unexpected probe failure is still this input's failure alone

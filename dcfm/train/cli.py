@@ -59,6 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"random scale range relative to the size that fits the crop (default {scale[0]},{scale[1]})")
     p.add_argument("--rotation", type=float, default=augment("max_rotation_deg"),
                    help="maximum rotation in degrees (default %(default)s)")
+    p.add_argument("--nonkey-scale", type=float, default=default("nonkey_scale"), metavar="S",
+                   help="run non-keyframes at S times the resolution (AR-Seg with DCFM; 0.5 its setting): adds the "
+                        "cross-resolution fusion and the feature-similarity loss; recorded in the checkpoint "
+                        "(default %(default)s: plain DCFM)")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips")
     p.add_argument("--jitter", type=float, default=augment("colour_jitter"),
                    help="colour jitter strength (default %(default)s)")
@@ -108,7 +112,8 @@ def config_from_args(args: argparse.Namespace):
     return TrainJobConfig(
         data=args.data, output=args.output, layout=args.layout, split=args.split, delta=args.delta,
         max_delta=args.max_delta,
-        backbone=args.backbone, pretrained_backbone=args.pretrained, steps=args.steps, batch_size=args.batch_size,
+        backbone=args.backbone, pretrained_backbone=args.pretrained, nonkey_scale=args.nonkey_scale,
+        steps=args.steps, batch_size=args.batch_size,
         augment=AugmentConfig(crop=args.crop, scale=args.scale, max_rotation_deg=args.rotation,
                               flip=not args.no_flip, colour_jitter=args.jitter),
         optim=OptimConfig(name=args.optimizer, lr=args.lr, decoder_lr_mult=args.decoder_lr_mult,

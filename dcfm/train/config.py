@@ -37,6 +37,7 @@ class TrainJobConfig:
     max_delta: int | None = None  # draw the distance from delta..max_delta per visit (None: delta only)
     backbone: str = "resnet18"
     pretrained_backbone: bool = False
+    nonkey_scale: float = 1.0  # non-keyframes at this fraction of the resolution (AR-Seg; the card records it)
     steps: int = 1000
     batch_size: int = 4  # pairs per worker per step; the global batch is workers × batch_size
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -65,6 +66,8 @@ class TrainJobConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.delta < 1 or (self.max_delta is not None and self.max_delta < self.delta):
             raise ValueError(f"need 1 <= --delta <= --max-delta, got {self.delta} and {self.max_delta}")
+        if not 0 < self.nonkey_scale <= 1:
+            raise ValueError(f"--nonkey-scale must be in (0, 1], got {self.nonkey_scale}")
         if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
             raise ValueError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
         if self.optim.warmup_steps is None:  # the recipe's warm-up depends on the run's length: fixed here

@@ -29,23 +29,25 @@ def open_training_data(uri: str, layout: str = "auto", split: str = "train", del
 def open_training_pairs(uri: str, layout: str = "auto", split: str = "train", delta: int = 1,
                         max_delta: int | None = None, decoded_cache_mb: int = 0,
                         cache_dir: str | None = None) -> tuple[PairDataset, list[Candidates]]:
-    """The dataset plus, for each labelled frame, its pair with every neighbour distance ``delta..max_delta``.
+    """The dataset plus, for each labelled frame, its pair with every neighbour offset ``±delta..±max_delta``.
 
-    Training draws one of them per visit, so the reuse path also learns the larger gaps between a keyframe
-    and the frames that reuse it at inference (up to k - 1), not only the official ``delta = 1``.
+    Training draws one of them per visit: the sign as the official code does (so the reuse path sees past
+    keyframes, as causal inference uses, as well as future ones), and the distance so it also learns the larger
+    gaps between a keyframe and the frames that reuse it at inference (up to k - 1), not only ``delta = 1``.
+    An offset that leaves the clip falls back to the other sign; duplicates are kept once.
     """
     root = str(stage_dataset(uri, cache_dir))
     dataset = open_training_data(root, layout, split, delta, decoded_cache_mb)
-    if max_delta is None or max_delta == delta:
-        return dataset, [(ref,) for ref in dataset.refs]
-    others = [open_training_data(root, dataset.layout, split, d).refs for d in range(delta + 1, max_delta + 1)]
-    for d, refs in zip(range(delta + 1, max_delta + 1), others):
+    top = delta if max_delta is None else max_delta
+    offsets = [signed for d in range(delta, top + 1) for signed in (d, -d)][1:]
+    others = [open_training_data(root, dataset.layout, split, d).refs for d in offsets]
+    for d, refs in zip(offsets, others):
         same = len(refs) == len(dataset.refs) and all(
             (a.video_id, a.labeled_index) == (b.video_id, b.labeled_index) for a, b in zip(refs, dataset.refs))
         if not same:
             raise ValueError(f"{uri}: the labelled frames differ between delta {delta} and {d}; "
                              "use a smaller --max-delta")
-    return dataset, list(zip(dataset.refs, *others))
+    return dataset, [tuple(dict.fromkeys(c)) for c in zip(dataset.refs, *others)]
 
 
 def shard_refs(refs: Sequence[T], rank: int, world_size: int) -> list[T]:
