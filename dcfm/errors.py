@@ -17,3 +17,16 @@ class ExitCode(IntEnum):
 
 class SettingsConflict(ValueError):
     """The command contradicts the run already recorded in its output; the fix is a new --output."""
+
+
+class ConfigError(ValueError):
+    """A setting a job's config refuses. The message names the config field, as Python callers set it; the
+    command lines (``dcfm.jobcli.run_job``) show the option that sets it instead."""
+
+    def __init__(self, field: str, problem: str, option: str | None = None) -> None:
+        self.field, self.problem = field, problem
+        self.option = option or "--" + field.replace("_", "-")
+        super().__init__(f"{field} {problem}")
+
+    def for_command_line(self) -> str:
+        return f"{self.option} {self.problem}"

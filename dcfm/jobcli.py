@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any, TypeVar
 
-from dcfm.errors import ExitCode, SettingsConflict
+from dcfm.errors import ConfigError, ExitCode, SettingsConflict
 
 ConfigT = TypeVar("ConfigT")
 
@@ -132,6 +132,9 @@ def run_job(
 
     try:
         config = build_config(args)
+    except ConfigError as err:
+        print(f"dcfm {name}: error: {err.for_command_line()}", file=sys.stderr)
+        return ExitCode.USAGE
     except ValueError as err:
         print(f"dcfm {name}: error: {err}", file=sys.stderr)
         return ExitCode.USAGE

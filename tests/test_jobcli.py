@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from dcfm.checkpoint import CheckpointError
-from dcfm.errors import ExitCode, SettingsConflict
+from dcfm.errors import ConfigError, ExitCode, SettingsConflict
 from dcfm.jobcli import non_negative_int, parse_size, positive_int, run_job
 from dcfm.train.config import RunMismatchError
 
@@ -31,6 +31,28 @@ def test_settings_the_config_rejects_are_usage_errors(capsys) -> None:
         raise ValueError("--max-interval 2 is below --min-interval 3")
     assert run_job("segment", ARGS, build, lambda c: 0) == ExitCode.USAGE
     assert "dcfm segment: error: --max-interval 2 is below --min-interval 3" in capsys.readouterr().err
+
+
+def test_config_errors_name_the_field_in_python_and_the_option_on_the_command_line(capsys) -> None:
+    """A config built in Python says which field is wrong; the same config built by a command line names the
+    option the user typed."""
+    from dcfm.segment.config import SegmentJobConfig
+    from dcfm.train.config import TrainJobConfig
+
+    with pytest.raises(ConfigError, match=r"^chunk_frames must be >= 1, got 0$"):
+        SegmentJobConfig(inputs=["v.mp4"], output="out", checkpoint="ckpt", chunk_frames=0)
+    with pytest.raises(ConfigError, match=r"^min_actors needs"):
+        SegmentJobConfig(inputs=["v.mp4"], output="out", checkpoint="ckpt", min_actors=3, max_actors=2)
+
+    def build(args):
+        return SegmentJobConfig(inputs=["v.mp4"], output="out", checkpoint="ckpt", min_actors=3, max_actors=2)
+    assert run_job("segment", ARGS, build, lambda c: 0) == ExitCode.USAGE
+    assert "dcfm segment: error: --actors needs 1 <= min_actors <= max_actors, got 3,2" in capsys.readouterr().err
+
+    def build_train(args):
+        return TrainJobConfig(data="data", output="runs/r1", steps=0)
+    assert run_job("train", ARGS, build_train, lambda c: 0) == ExitCode.USAGE
+    assert "dcfm train: error: --steps must be >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("err", [SettingsConflict("steps: 10 -> 20"), RunMismatchError("steps: 10 -> 20")])

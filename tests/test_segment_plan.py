@@ -140,9 +140,9 @@ def test_codec_keyframes_from_the_command_line() -> None:
 def test_bad_configuration_is_rejected() -> None:
     with pytest.raises(ValueError, match="no inputs"):
         SegmentJobConfig([], "out", "ckpt")
-    with pytest.raises(ValueError, match="--actors"):
+    with pytest.raises(ValueError, match="min_actors"):
         SegmentJobConfig(["a"], "out", "ckpt", min_actors=3, max_actors=2)
-    with pytest.raises(ValueError, match="--probe-concurrency"):
+    with pytest.raises(ValueError, match="probe_concurrency"):
         SegmentJobConfig(["a"], "out", "ckpt", probe_concurrency=0)
 
 

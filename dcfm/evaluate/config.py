@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dcfm.errors import ConfigError
 from dcfm.inference import KeyframePolicy, ReuseMode
 
 SWEEP_INTERVALS = (1, 2, 4, 6)
@@ -53,10 +54,10 @@ class EvaluateJobConfig:
     def __post_init__(self) -> None:
         self.mode = ReuseMode(self.mode)
         if self.sweep and not self.keyframes.fixed:
-            raise ValueError("--sweep scores fixed intervals 1, 2, 4, 6; it cannot be combined with --adaptive "
-                             "or --codec-keyframes")
+            raise ConfigError("sweep", "scores fixed intervals 1, 2, 4, 6; it cannot be combined with adaptive "
+                                       "or codec keyframes")
         if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
         if self.resolution is not None and self.native_resolution:
             raise ValueError("give --resolution HxW or --resolution native, not both")
 

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from dcfm import storage
+from dcfm.errors import ConfigError
 from dcfm.labels.committed import (
     METRIC_COLUMNS,
     ClassInfo,
@@ -56,11 +57,11 @@ class CvatExportConfig:
 
     def __post_init__(self) -> None:
         if self.every < 1:
-            raise ValueError(f"--every must be >= 1, got {self.every}")
+            raise ConfigError("every", f"must be >= 1, got {self.every}")
         if self.review is not None and self.review < 1:
-            raise ValueError(f"--review must be >= 1, got {self.review}")
+            raise ConfigError("review", f"must be >= 1, got {self.review}")
         if not self.subset or any(c in self.subset for c in "/\\\n"):
-            raise ValueError(f"--subset {self.subset!r}: a name without slashes or newlines")
+            raise ConfigError("subset", f"{self.subset!r}: a name without slashes or newlines")
 
 
 @dataclass(frozen=True)

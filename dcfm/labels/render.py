@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from dcfm import storage
+from dcfm.errors import ConfigError
 from dcfm.labels.committed import (METRIC_COLUMNS, ClassInfo, CommittedVideo, class_info, committed_videos,
                                    decode_mask, iter_frame_rows, iter_source_frames)
 from dcfm.labels.files import publish_bytes, staged_file
@@ -52,7 +53,7 @@ class RenderConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"--alpha must be in [0, 1], got {self.alpha}")
+            raise ConfigError("alpha", f"must be in [0, 1], got {self.alpha}")
         if self.columns < 1 or self.rows < 1:
             raise ValueError(f"the contact sheet needs at least one column and row, got {self.columns}x{self.rows}")
 

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
+from dcfm.errors import ConfigError
 from dcfm.inference import KeyframePolicy, ReuseMode
 
 
@@ -50,19 +51,20 @@ class SegmentJobConfig:
         if not self.inputs:
             raise ValueError("no inputs: pass video files, directories, globs, s3:// prefixes or a manifest")
         if self.chunk_frames < 1:
-            raise ValueError(f"--chunk-frames must be >= 1, got {self.chunk_frames}")
+            raise ConfigError("chunk_frames", f"must be >= 1, got {self.chunk_frames}")
         if self.min_actors is None and self.max_actors is not None:
             self.min_actors = 1
         if self.max_actors is None and self.min_actors is not None:
             self.max_actors = self.min_actors
         if self.min_actors is not None and not 1 <= self.min_actors <= (self.max_actors or 0):
-            raise ValueError(f"--actors needs 1 <= MIN <= MAX, got {self.min_actors},{self.max_actors}")
+            raise ConfigError("min_actors", f"needs 1 <= min_actors <= max_actors, got {self.min_actors},{self.max_actors}",
+                              option="--actors")
         if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
-            raise ValueError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
+            raise ConfigError("cpus_per_actor", f"must be > 0, got {self.cpus_per_actor}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
-            raise ValueError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
+            raise ConfigError("gpus_per_actor", f"must be >= 0, got {self.gpus_per_actor}")
         if self.probe_concurrency < 1:
-            raise ValueError(f"--probe-concurrency must be >= 1, got {self.probe_concurrency}")
+            raise ConfigError("probe_concurrency", f"must be >= 1, got {self.probe_concurrency}")
 
     @property
     def aligned_chunk_frames(self) -> int:

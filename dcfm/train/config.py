@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from dcfm.data import LAYOUTS
-from dcfm.errors import SettingsConflict
+from dcfm.errors import ConfigError, SettingsConflict
 from dcfm.losses import LossWeights
 from dcfm.train.recipe import AugmentConfig, OptimConfig
 
@@ -60,16 +60,17 @@ class TrainJobConfig:
         for name in ("crop", "scale", "mean", "std"):  # as tuples, also when read back from JSON
             setattr(self.augment, name, tuple(getattr(self.augment, name)))
         if self.layout != "auto" and self.layout not in LAYOUTS:
-            raise ValueError(f"--layout {self.layout!r}: expected 'auto' or one of {LAYOUTS}")
+            raise ConfigError("layout", f"{self.layout!r}: expected 'auto' or one of {LAYOUTS}")
         for name in ("steps", "batch_size", "workers", "checkpoint_every", "keep_checkpoints", "log_every"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.delta < 1 or (self.max_delta is not None and self.max_delta < self.delta):
-            raise ValueError(f"need 1 <= --delta <= --max-delta, got {self.delta} and {self.max_delta}")
+            raise ConfigError("max_delta", f"needs 1 <= delta <= max_delta, got {self.delta} and {self.max_delta}")
         if not 0 < self.nonkey_scale <= 1:
-            raise ValueError(f"--nonkey-scale must be in (0, 1], got {self.nonkey_scale}")
+            raise ConfigError("nonkey_scale", f"must be in (0, 1], got {self.nonkey_scale}")
         if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
-            raise ValueError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
+            raise ConfigError("cpus_per_worker", f"must be > 0 (and gpus_per_worker >= 0), got {self.cpus_per_worker} "
+                              f"and {self.gpus_per_worker}")
         if self.optim.warmup_steps is None:  # the recipe's warm-up depends on the run's length: fixed here
             self.optim.warmup_steps = self.optim.resolved(self.backbone, self.steps).warmup_steps
         self.data = _absolute(self.data)
@@ -77,7 +78,7 @@ class TrainJobConfig:
         storage_path, name = self.storage_path_and_name
         in_bucket = "://" not in self.output or urlsplit(self.output).path.strip("/")
         if not name or not storage_path or not in_bucket:
-            raise ValueError(f"--output {self.output!r}: give a run directory below a bucket or folder, "
+            raise ConfigError("output", f"{self.output!r}: give a run directory below a bucket or folder, "
                              "e.g. s3://bucket/runs/run1 or ./runs/run1")
 
     @property
