@@ -136,10 +136,13 @@ def tell_progress(run: str, done: int) -> None:
     if run not in _counters:
         import ray
 
-        try:
-            _counters[run] = ray.get_actor(_counter_name(run))
-        except Exception:  # ValueError: no terminal on the driver, so no counter; a bar never stops training
-            _counters[run] = None
+        _counters[run] = None
+        # Outside Ray (train_locally) there is no driver to tell, and ray.get_actor would start a local Ray.
+        if ray.is_initialized():
+            try:
+                _counters[run] = ray.get_actor(_counter_name(run))
+            except Exception:  # ValueError: no terminal on the driver, so no counter; a bar never stops training
+                pass
     counter = _counters[run]
     if counter is not None:
         counter.set.remote(done)

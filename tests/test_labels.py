@@ -286,3 +286,15 @@ def test_progress_bar_only_on_a_terminal() -> None:
     assert "chunks/s" in text and "ETA" in text and "40%" in text
     bar.close()
     assert live.getvalue().endswith("\r\x1b[K")
+
+
+def test_progress_outside_ray_starts_no_ray() -> None:
+    """The one training loop reports progress on every step; run in one process (train_locally, make demo) it
+    must not start a local Ray as a side effect (a later ray.init in the same process would then fail)."""
+    import ray
+
+    from dcfm.progress import tell_progress
+
+    assert not ray.is_initialized()
+    tell_progress("/tmp/some-run-without-ray", 1)
+    assert not ray.is_initialized()
