@@ -136,7 +136,7 @@ def test_single_setting_and_bad_command_lines(corpus, checkpoint, tmp_path, caps
     assert not Path(tmp_path / "one" / "accuracy_vs_speed.png").exists() and "plot" not in summary.files
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(corpus), "--output", str(tmp_path),
                  "--sweep", "--adaptive"]) == 2
-    assert "cannot be combined with --adaptive" in capsys.readouterr().err
+    assert "--sweep scores fixed intervals 1, 2, 4, 6; it cannot be combined with adaptive" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nothing"), "--data", str(corpus),
                  "--output", str(tmp_path)]) == 3
     assert "not a DCFM checkpoint" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 import subprocess
+import sys
 import zipfile
 from html.parser import HTMLParser
 from pathlib import Path
@@ -291,10 +292,8 @@ def test_progress_bar_only_on_a_terminal() -> None:
 def test_progress_outside_ray_starts_no_ray() -> None:
     """The one training loop reports progress on every step; run in one process (train_locally, make demo) it
     must not start a local Ray as a side effect (a later ray.init in the same process would then fail)."""
-    import ray
-
-    from dcfm.progress import tell_progress
-
-    assert not ray.is_initialized()
-    tell_progress("/tmp/some-run-without-ray", 1)
-    assert not ray.is_initialized()
+    script = ("import ray\nfrom dcfm.progress import tell_progress\n"
+              "tell_progress('/tmp/some-run-without-ray', 1)\nprint(ray.is_initialized())\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

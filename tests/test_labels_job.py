@@ -131,11 +131,19 @@ def test_render_of_a_real_job(real_output, checkpoint, tmp_path) -> None:
     # A pixel of known class: the overlay is the blend of the source and the class colour of the Parquet mask.
     masks = parquet_masks(out)
     card, _ = read_card(checkpoint)
-    y, x = HEIGHT // 2, WIDTH // 2
+    palette = np.asarray(card.palette, dtype=float)
+    rows, columns = slice(14, 25), slice(4, WIDTH - 4)  # below the tags, above the legend
     for index in (1, 6, 11):
-        colour = np.asarray(card.palette[masks[(video_id, index)][y, x]])
-        expected = 0.5 * source[index][y, x] + 0.5 * colour
-        assert np.abs(frames[index][y, x] - expected).max() <= 24, index  # H.264 4:2:0 at CRF 20
+        mask = masks[(video_id, index)]
+        # Pixels inside a region of one class (5x5): class edges are where H.264 4:2:0 smears colour.
+        padded = np.pad(mask, 2, mode="edge")
+        inside = np.ones(mask.shape, bool)
+        for dy in range(5):
+            for dx in range(5):
+                inside &= padded[dy:dy + HEIGHT, dx:dx + WIDTH] == mask
+        expected = 0.5 * source[index] + 0.5 * palette[mask]
+        error = np.abs(frames[index].astype(float) - expected)[rows, columns][inside[rows, columns]]
+        assert error.size > 50 and np.median(error) <= 8, (index, error.size, np.median(error))
 
 
 def test_export_render_and_report_on_s3(ray_local, corpus, checkpoint, s3_env, tmp_path) -> None:
