@@ -46,8 +46,10 @@ def _syncbn_rank(rank: int, port: int, x: torch.Tensor, g: torch.Tensor, queue) 
         local = x[rank * 3 : rank * 3 + 3].clone().requires_grad_(True)
         out = model(local)
         (out * g[rank * 3 : rank * 3 + 3]).sum().backward()
-        queue.put((rank, out.detach(), local.grad, model[0].weight.grad,
-                   model[0].running_mean.clone(), model[0].running_var.clone()))
+        # As numpy arrays, pickled by value: tensors would travel as file descriptors that this process must
+        # outlive, and it exits right after (a race the parent loses as ConnectionResetError).
+        tensors = (out.detach(), local.grad, model[0].weight.grad, model[0].running_mean, model[0].running_var)
+        queue.put((rank, *(t.numpy().copy() for t in tensors)))
     finally:
         dist.destroy_process_group()
 
@@ -64,7 +66,8 @@ def test_gloo_sync_batchnorm_equals_batchnorm_over_the_global_batch() -> None:
     procs = [ctx.Process(target=_syncbn_rank, args=(r, port, x, g, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = sorted((queue.get(timeout=120) for _ in procs), key=lambda r: r[0])
+    received = sorted((queue.get(timeout=120) for _ in procs), key=lambda r: r[0])
+    results = [(r[0], *(torch.from_numpy(a) for a in r[1:])) for r in received]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
