@@ -72,27 +72,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     from dcfm.segment.config import SegmentJobConfig
 
+    # Options named after their config fields carry over by name.
+    same_name = ("output", "checkpoint", "mode", "nonkey_scale", "chunk_frames", "resolution", "mask_resolution",
+                 "batch_size", "gpus_per_actor", "cpus_per_actor", "probe_concurrency", "device", "overwrite",
+                 "retry_failed", "dry_run")
     return SegmentJobConfig(
         inputs=list(args.inputs),
-        output=args.output,
-        checkpoint=args.checkpoint,
         keyframes=keyframe_policy(args),
-        mode=args.mode,
-        nonkey_scale=args.nonkey_scale,
-        chunk_frames=args.chunk_frames,
-        resolution=args.resolution,
-        mask_resolution=args.mask_resolution,
-        batch_size=args.batch_size,
         min_actors=args.actors[0] if args.actors else None,
         max_actors=args.actors[1] if args.actors else None,
-        gpus_per_actor=args.gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor,
-        probe_concurrency=args.probe_concurrency,
-        device=args.device,
-        overwrite=args.overwrite,
-        retry_failed=args.retry_failed,
-        dry_run=args.dry_run,
         ray_address=args.address,
+        **{name: getattr(args, name) for name in same_name},
     )
 
 
