@@ -111,6 +111,11 @@ class ActorResources:
         """torch threads per actor: its whole CPUs."""
         return max(1, int(self.cpus_per_actor))
 
+    def describe(self) -> str:
+        """``2-8 actors x 4 CPUs, 1 GPUs (why)``, for the job's log."""
+        sizes = f"{self.min_actors}" if self.min_actors == self.max_actors else f"{self.min_actors}-{self.max_actors}"
+        return f"{sizes} actors x {self.cpus_per_actor:g} CPUs, {self.gpus_per_actor:g} GPUs ({self.reason})"
+
 
 # Without GPUs, actors of one CPU each up to this many CPUs; two each above (fewer model copies in memory,
 # and torch's intra-op threads still scale at two).

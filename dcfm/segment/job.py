@@ -163,9 +163,7 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
     if config.dry_run:
         resources = _resources(config, connect=False)
         summary.resources = resources
-        log(f"[segment] would run {resources.min_actors}"
-            f"{'' if resources.min_actors == resources.max_actors else f'-{resources.max_actors}'} actors x "
-            f"{resources.cpus_per_actor:g} CPUs, {resources.gpus_per_actor:g} GPUs ({resources.reason})")
+        log(f"[segment] would run {resources.describe()}")
         _print_plan(todo, config, log)
         return summary
     if not todo:
@@ -174,9 +172,7 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
 
     resources = _resources(config, connect=True)
     summary.resources = resources
-    log(f"[segment] actors: {resources.min_actors}"
-        f"{'' if resources.min_actors == resources.max_actors else f'-{resources.max_actors}'} x "
-        f"{resources.cpus_per_actor:g} CPUs, {resources.gpus_per_actor:g} GPUs ({resources.reason})")
+    log(f"[segment] running {resources.describe()}")
     layout.clear_videos([item.video_id for item in todo], run_id, set(committed), keep_staged=not config.overwrite)
     settings = ActorSettings(
         checkpoint=config.checkpoint, model_digest=digest, output=config.output, run_id=run_id,
