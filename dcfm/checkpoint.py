@@ -59,6 +59,13 @@ class ModelCard:
         and what cards written before the field existed mean)."""
         return self.config.nonkey_scale
 
+    def check_nonkey_scale(self, requested: float | None, checkpoint_uri: str) -> None:
+        """Refuse a non-keyframe scale other than the one the model was trained for (None: the card's)."""
+        if requested is not None and requested != self.nonkey_scale:
+            raise ValueError(f"--nonkey-scale {requested:g}: {storage.redact(checkpoint_uri)} was trained for "
+                             f"non-keyframes at {self.nonkey_scale:g}; pass --nonkey-scale {self.nonkey_scale:g} "
+                             "or leave it out")
+
     def to_json(self, weights_sha256: str) -> dict[str, Any]:
         data = asdict(self)
         data["config"] = self.config.to_dict()

@@ -71,10 +71,7 @@ def run_evaluate_job(config: EvaluateJobConfig, log: Callable[[str], None] = pri
         raise ValueError(f"{redact(config.checkpoint)} predicts {card.config.num_classes} classes but "
                          f"{redact(config.data)} ({clips.layout}) is labelled with {len(clips.classes)}; "
                          "evaluate on the data it was trained for")
-    if config.nonkey_scale is not None and config.nonkey_scale != card.nonkey_scale:
-        raise ValueError(f"--nonkey-scale {config.nonkey_scale:g}: {redact(config.checkpoint)} was trained for "
-                         f"non-keyframes at {card.nonkey_scale:g}; pass --nonkey-scale {card.nonkey_scale:g} "
-                         "or leave it out")
+    card.check_nonkey_scale(config.nonkey_scale, config.checkpoint)
     resolution = None if config.native_resolution else tuple(config.resolution or card.train_size)
     settings = config.settings()
     accumulators = [

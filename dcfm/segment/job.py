@@ -136,10 +136,7 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
     items = expand_inputs(config.inputs)
     card, digest = read_card(config.checkpoint)
     resolution = tuple(config.resolution or card.train_size)
-    if config.nonkey_scale is not None and config.nonkey_scale != card.nonkey_scale:
-        raise ValueError(f"--nonkey-scale {config.nonkey_scale:g}: {redact(config.checkpoint)} was trained for "
-                         f"non-keyframes at {card.nonkey_scale:g}; pass --nonkey-scale {card.nonkey_scale:g} "
-                         "or leave it out")
+    card.check_nonkey_scale(config.nonkey_scale, config.checkpoint)
     run_id = config.run_id(digest, resolution)
     layout = OutputLayout(config.output)
     committed = layout.committed()
