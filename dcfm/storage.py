@@ -49,6 +49,14 @@ def exists(uri: str | os.PathLike) -> bool:
     return fs.exists(path)
 
 
+def set_usual_mode(path: str | os.PathLike) -> None:
+    """Give a temporary file about to be published the mode any new file gets (0666 less the umask):
+    ``mkstemp`` makes it 0600, which other users of a shared output could not read."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_bytes_atomic(uri: str | os.PathLike, data: bytes) -> None:
     """Write an object so readers see either nothing or all of it.
 
@@ -65,6 +73,7 @@ def write_bytes_atomic(uri: str | os.PathLike, data: bytes) -> None:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
+            set_usual_mode(tmp)
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -109,3 +109,18 @@ def test_credentials_never_reach_logs() -> None:
     assert storage.redact("s3://AKIA:secret@bucket/key.mp4") == "s3://bucket/key.mp4"
     assert storage.redact("https://user:pw@host:9000/b/k") == "https://host:9000/b/k"
     assert storage.redact("/data/x.mp4") == "/data/x.mp4"
+
+
+def test_atomic_writes_publish_files_with_the_usual_mode(tmp_path) -> None:
+    """Outputs on a shared disk must be readable by the team, not left at mkstemp's private 0600."""
+    import os
+    import stat
+
+    from dcfm.storage import write_bytes_atomic
+
+    mask = os.umask(0o022)
+    try:
+        write_bytes_atomic(str(tmp_path / "a" / "marker.json"), b"{}")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a" / "marker.json").stat().st_mode) == 0o644

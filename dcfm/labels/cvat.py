@@ -34,7 +34,7 @@ from dcfm.labels.committed import (
     iter_frame_rows,
     iter_source_frames,
 )
-from dcfm.labels.files import publish_bytes, staged_file
+from dcfm.labels.files import staged_file
 from dcfm.labels.review import FrameScore, frame_score, lowest, ranked_csv
 from dcfm.progress import ProgressBar
 
@@ -143,7 +143,7 @@ def export_video(video: CommittedVideo, classes: ClassInfo, config: CvatExportCo
         if config.review is not None:
             # The CSV first: when the zip is there, its review queue is too.
             csv_uri = storage.join(config.to, f"{video.video_id}.review.csv")
-            publish_bytes(csv_uri, ranked_csv(ranked, FRAME_NAME))
+            storage.write_bytes_atomic(csv_uri, ranked_csv(ranked, FRAME_NAME))
     return ExportedVideo(video.video_id, zip_uri, len(names), csv_uri)
 
 

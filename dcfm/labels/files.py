@@ -30,21 +30,9 @@ def staged_file(uri: str, suffix: str = "") -> Iterator[Path]:
     try:
         yield Path(tmp)
         if local:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a published file gets the usual mode
+            storage.set_usual_mode(tmp)
             os.replace(tmp, path)
         else:
             fs.put_file(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-
-
-def publish_bytes(uri: str, data: bytes) -> None:
-    """Write ``data`` to ``uri`` whole or not at all (see ``staged_file``)."""
-    with staged_file(uri) as local:
-        local.write_bytes(data)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

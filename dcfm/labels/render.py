@@ -29,7 +29,7 @@ from dcfm import storage
 from dcfm.errors import ConfigError
 from dcfm.labels.committed import (METRIC_COLUMNS, ClassInfo, CommittedVideo, class_info, committed_videos,
                                    decode_mask, iter_frame_rows, iter_source_frames)
-from dcfm.labels.files import publish_bytes, staged_file
+from dcfm.labels.files import staged_file
 from dcfm.labels.review import FrameScore, frame_score, lowest
 from dcfm.progress import ProgressBar
 
@@ -286,9 +286,9 @@ def render_video(config: RenderConfig, log: Callable[[str], None] = print) -> Re
     with staged_file(result.overlay_mp4, suffix=".mp4") as local:
         write_video(local, overlays(), fps=fps, crf=20)
     bar.close()
-    publish_bytes(result.overlay_png, _png(still[0]))
-    publish_bytes(result.contact_sheet, _png(sheet.image))
-    publish_bytes(result.timeline, timeline_png(scores, worst, f"{config.video_id} ({video.video_uri})"))
+    storage.write_bytes_atomic(result.overlay_png, _png(still[0]))
+    storage.write_bytes_atomic(result.contact_sheet, _png(sheet.image))
+    storage.write_bytes_atomic(result.timeline, timeline_png(scores, worst, f"{config.video_id} ({video.video_uri})"))
     log(f"[render] {result.overlay_mp4}\n[render] {result.overlay_png}\n[render] {result.contact_sheet}\n"
         f"[render] {result.timeline}")
     return result

@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 
 from dcfm import storage
 from dcfm.labels.committed import ClassInfo, CommittedVideo, class_info, committed_videos, run_manifests
-from dcfm.labels.files import publish_bytes
 from dcfm.segment.outputs import OutputLayout
 
 RENDER_KINDS = (("overlay.mp4", "overlay video"), ("contact.png", "contact sheet"), ("timeline.png", "timeline"))
@@ -191,7 +190,7 @@ def build_report(config: ReportConfig) -> str:
 def write_report(config: ReportConfig, log: Callable[[str], None] = print) -> str:
     """Write the page to ``config.to``; returns its URI."""
     page = build_report(config)
-    publish_bytes(config.to, page.encode())
+    storage.write_bytes_atomic(config.to, page.encode())
     log(f"[report] {config.to}")
     return config.to
 
