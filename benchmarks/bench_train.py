@@ -73,9 +73,10 @@ def train(args, data: Path, output: Path, steps: int, workers: int, loss: LossWe
             "pairs_per_s": sum(rates) / len(rates), "final_loss": summary.history[-1]["loss"]}
 
 
-def evaluate(checkpoint: str, data: Path, output: Path) -> list[dict]:
-    summary = run_evaluate_job(EvaluateJobConfig(checkpoint, str(data), str(output), sweep=True, batch_size=8),
-                               log=lambda line: None)
+def evaluate(checkpoint: str, data: Path, output: Path, compare: list[str]) -> list[dict]:
+    """The sweep of one model; ``compare``: earlier models' evaluations, drawn in this one's table and plot."""
+    summary = run_evaluate_job(EvaluateJobConfig(checkpoint, str(data), str(output), sweep=True, batch_size=8,
+                                                 compare=compare), log=lambda line: None)
     return summary.rows
 
 
@@ -144,12 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         tag = f"{args.backbone}-{args.size[0]}x{args.size[1]}-{args.videos}v{args.frames}f-{steps}steps"
     results["throughput"] = throughput
 
-    runs, rows = {}, {}
+    runs, rows, evaluations = {}, {}, []
     for name in args.models.split(","):
         weights, max_delta, scale = MODELS[name]
         output = work / f"{name}-{tag}-{stamp}"
         runs[name] = train(args, train_data, output, steps, best, weights, max_delta=max_delta, nonkey_scale=scale)
-        rows[name] = evaluate(runs[name]["final_checkpoint"], held_out, work / f"eval-{name}-{tag}-{stamp}")
+        evaluation = work / f"eval-{name}-{tag}-{stamp}"
+        # The last model's accuracy_vs_speed.png draws every model (one line per mode and non-key scale).
+        rows[name] = evaluate(runs[name]["final_checkpoint"], held_out, evaluation, list(evaluations))
+        evaluations.append(str(evaluation))
     results.update(training=runs, evaluation=rows)
     (work / "bench_train.json").write_text(json.dumps(results, indent=2))
 

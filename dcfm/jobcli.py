@@ -140,6 +140,9 @@ def run_job(
         return ExitCode.USAGE
     try:
         result = run(config)
+    except ConfigError as err:  # a setting only the job can check (e.g. against what is stored)
+        print(f"dcfm {name}: error: {err.for_command_line()}", file=sys.stderr)
+        return ExitCode.USAGE
     except SettingsConflict as err:
         print(f"dcfm {name}: error: {err}", file=sys.stderr)
         return ExitCode.USAGE

@@ -120,10 +120,41 @@ def test_evaluate_numbers_equal_an_independent_computation_from_its_masks(corpus
             total_ms = row["keyframes"] * row["ms_per_keyframe"] + non_keyframes * row["ms_per_non_keyframe"]
             assert total_ms == pytest.approx(1000 * row["seconds"], rel=1e-6)
         assert row["fps"] == pytest.approx(row["frames"] / row["seconds"])
-        assert f"| {row['setting']} | {k} | {row['mode']} | {row['miou']:.3f} |" in table
+        assert f"| {row['setting']} | {k} | {row['mode']} | 1 | {row['miou']:.3f} |" in table
     assert len(distinct_predictions) >= 3  # a model that predicts one class would make the check vacuous
     with Image.open(Path(out, "accuracy_vs_speed.png")) as plot:
         assert plot.format == "PNG" and plot.width > 400
+
+
+def test_compare_puts_checkpoints_of_other_non_key_scales_in_one_sweep(corpus, checkpoint, tmp_path,
+                                                                        capsys) -> None:
+    half = tmp_path / "half"
+    train_locally(TrainJobConfig(data=str(corpus), output=str(half), backbone="resnet18", steps=2, batch_size=2,
+                                 augment=AugmentConfig(crop=(H, W)), checkpoint_every=2, nonkey_scale=0.5),
+                  device="cpu")
+    full_out, half_out = str(tmp_path / "eval-full"), str(tmp_path / "eval-half")
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(corpus), "--output", full_out,
+                 "--sweep"]) == 0
+    assert main(["evaluate", "--checkpoint", str(half / "checkpoint_000002"), "--data", str(corpus),
+                 "--output", half_out, "--sweep", "--compare", full_out]) == 0
+    report = json.loads(Path(half_out, "evaluation.json").read_text())
+    assert {r["nonkey_scale"] for r in report["results"]} == {0.5} and len(report["results"]) == 7
+    assert report["compared"] == [str(checkpoint)]
+    full_rows = json.loads(Path(full_out, "evaluation.json").read_text())["results"]
+    table = Path(half_out, "evaluation.md").read_text()
+    for row, scale in [(r, 0.5) for r in report["results"]] + [(r, 1.0) for r in full_rows]:
+        assert f"| {row['setting']} | {row['mode']} | {scale:g} | {row['miou']:.3f} |".replace(
+            f"| {row['mode']}", f"| {row['keyframe_interval']} | {row['mode']}") in table
+    assert "k6-causal s=0.5" in table and "k6-causal s=1" in table
+    with Image.open(Path(half_out, "accuracy_vs_speed.png")) as plot:
+        assert plot.format == "PNG"
+    # Only evaluations of the same clips compare; a wrong URI fails before any work.
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(corpus), "--output",
+                 str(tmp_path / "one-clip"), "--videos", "synth_0000", "--compare", full_out]) == 2
+    assert "--compare the evaluation of " in (err := capsys.readouterr().err) and "scored videos 2, this run 1" in err
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(corpus), "--output",
+                 str(tmp_path / "x"), "--compare", str(tmp_path / "nowhere")]) == 2
+    assert "evaluation.json does not exist" in capsys.readouterr().err
 
 
 def test_single_setting_and_bad_command_lines(corpus, checkpoint, tmp_path, capsys) -> None:

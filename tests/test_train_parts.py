@@ -245,3 +245,38 @@ def test_cli_builds_the_config() -> None:
     assert half.nonkey_scale == 0.5 and TrainJobConfig.from_json(half.to_json()) == half
     with pytest.raises(ValueError, match="nonkey_scale"):
         TrainJobConfig(data="d", output="runs/r", nonkey_scale=0.0)
+
+
+def test_a_run_recorded_before_reduced_resolution_still_resumes(tmp_path: Path, synth_root: Path) -> None:
+    """Records written before ``nonkey_scale`` and λ3 existed describe full-resolution training: resuming one
+    with today's defaults is the same run, but asking for half-size non-keyframes is not."""
+    from dcfm.train.job import _check_same_run
+
+    config = TrainJobConfig(data=str(synth_root), output=str(tmp_path / "run"), steps=10,
+                            loss=LossWeights(0.4, 10.0))
+    old_settings = config.run_settings()
+    del old_settings["nonkey_scale"]
+    del old_settings["loss"]["similarity"]
+    record = {"format": "dcfm-train-run/1", "status": "running", "settings": old_settings}
+    _check_same_run(config, record)
+    with pytest.raises(RunMismatchError, match=r"nonkey_scale: 1.0 -> 0.5"):
+        _check_same_run(TrainJobConfig(data=str(synth_root), output=str(tmp_path / "run"), steps=10,
+                                       loss=LossWeights(0.4, 10.0), nonkey_scale=0.5), record)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_logged_rows_carry_the_similarity_term_of_reduced_resolution_models(tmp_path: Path, synth_root: Path,
+                                                                            scale: float, capsys) -> None:
+    from dcfm.train.loop import train_locally
+
+    run = train_locally(TrainJobConfig(data=str(synth_root), output=str(tmp_path / "run"), steps=2, batch_size=2,
+                                       log_every=1, checkpoint_every=2, augment=AugmentConfig(crop=(H, W)),
+                                       nonkey_scale=scale), device="cpu")
+    rows = run.state.history
+    assert [row["step"] for row in rows] == [1, 2]
+    logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[train] step")]
+    assert len(logged) == 2
+    if scale == 1.0:
+        assert all("similarity" not in row for row in rows) and not any(" sim " in line for line in logged)
+    else:
+        assert all(row["similarity"] > 0 for row in rows) and all(" sim " in line for line in logged)

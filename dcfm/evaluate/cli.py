@@ -12,7 +12,8 @@ outputs (OUTPUT is local or s3://):
   OUTPUT/evaluation.json        one row per setting: mIoU, mIoU over non-keyframes, wIoU, per-class IoU, VC8,
                                 VC16, ms per keyframe and per non-keyframe, FPS, keyframes per clip
   OUTPUT/evaluation.md          the same as Markdown tables (with the metric conventions)
-  OUTPUT/accuracy_vs_speed.png  mIoU (and VC8) against FPS, with --sweep
+  OUTPUT/accuracy_vs_speed.png  mIoU (and VC8) against FPS, with --sweep (or --compare): one line per mode
+                                and non-key scale
   OUTPUT/masks/<setting>/<clip>/<frame>.png   the predicted masks, with --save-masks
 
 exit status: 0 evaluated; 2 bad command line; 3 the job failed (checkpoint, data, storage)
@@ -53,6 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=default("threads"),
                    help="torch CPU threads (default: torch's)")
     p.add_argument("--save-masks", action="store_true", help="also write every predicted mask as a PNG")
+    p.add_argument("--compare", nargs="+", default=[], metavar="URI",
+                   help="earlier evaluate outputs on the same clips (e.g. checkpoints trained at other "
+                        "--nonkey-scale values): their rows join this run's table and plot, one line per "
+                        "mode and non-key scale")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -65,6 +70,7 @@ def config_from_args(args: argparse.Namespace):
         keyframes=keyframe_policy(args),
         mode=args.mode, nonkey_scale=args.nonkey_scale, sweep=args.sweep, resolution=None if native else args.resolution, native_resolution=native,
         batch_size=args.batch_size, device=args.device, threads=args.threads, save_masks=args.save_masks,
+        compare=list(args.compare),
     )
 
 

@@ -50,6 +50,9 @@ class EvaluateJobConfig:
     save_masks: bool = False  # OUTPUT/masks/<setting>/<video>/<frame:06d>.png
     warmup: bool = True  # one untimed pass per setting on the first clip before timing
     data_cache: str | None = None  # where s3:// data is staged (None: $DCFM_DATA_CACHE or <tmp>/dcfm-data)
+    # Earlier evaluation outputs (other checkpoints, e.g. other non-key scales) on the same clips whose rows
+    # join this run's table and plot, so one sweep compares them.
+    compare: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.mode = ReuseMode(self.mode)

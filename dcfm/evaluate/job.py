@@ -30,6 +30,7 @@ from dcfm.data import open_clips
 from dcfm.data.base import LabelledVideo
 from dcfm.data.staging import stage_dataset
 from dcfm.devices import pick_device
+from dcfm.errors import ConfigError
 from dcfm.evaluate.config import EvaluateJobConfig, Setting
 from dcfm.evaluate.report import CONVENTIONS, accuracy_vs_speed_png, markdown, result_row
 from dcfm.evaluate.score import SettingAccumulator, label_size, read_labels
@@ -85,6 +86,11 @@ def run_evaluate_job(config: EvaluateJobConfig, log: Callable[[str], None] = pri
         for s in settings
     ]
     size = "native size" if resolution is None else f"{resolution[0]}x{resolution[1]}"
+    # Before the work: a wrong URI or an evaluation of other clips fails fast.
+    compared = [_read_evaluation(uri) for uri in config.compare]
+    for evaluation in compared:
+        _same_clips(evaluation, {"data": redact(config.data), "layout": clips.layout, "split": config.split,
+                                 "videos": len(clips.videos), "resolution": _resolution_name(resolution)})
     log(f"[evaluate] {len(clips.videos)} {clips.layout} clips, {len(settings)} setting(s), "
         f"model {card.config.backbone} ({loaded.digest[:12]}) at {size} on {device}")
     t0 = time.perf_counter()
@@ -102,7 +108,7 @@ def run_evaluate_job(config: EvaluateJobConfig, log: Callable[[str], None] = pri
             acc.add(video, inputs, output_size, labels)
         log(f"[evaluate] clip {i + 1}/{len(clips.videos)} {video.video_id}: {len(inputs)} frames "
             f"({time.perf_counter() - t0:.0f}s)")
-    rows = [result_row(s, acc.report(clips.classes)) for s, acc in zip(settings, accumulators)]
+    rows = [result_row(s, acc.report(clips.classes), card.nonkey_scale) for s, acc in zip(settings, accumulators)]
     header = {
         "format": "dcfm-evaluation/1",
         "checkpoint": redact(config.checkpoint),
@@ -115,27 +121,66 @@ def run_evaluate_job(config: EvaluateJobConfig, log: Callable[[str], None] = pri
         "videos": len(clips.videos),
         "frames_per_setting": rows[0]["frames"],
         "labelled_frames": sum(len(v.labels) for v in clips.videos),
-        "resolution": "native" if resolution is None else f"{resolution[0]}x{resolution[1]}",
+        "resolution": _resolution_name(resolution),
         "device": str(device),
         "threads": torch.get_num_threads(),
         "batch_size": config.batch_size,
         "conventions": CONVENTIONS,
     }
-    return _write_outputs(config, header, rows, log)
+    if compared:
+        header["compared"] = [_same_clips(evaluation, header) for evaluation in compared]
+    return _write_outputs(config, header, rows, [row for e in compared for row in _rows_of(e)], log)
 
 
-def _write_outputs(config: EvaluateJobConfig, header: dict, rows: list[dict],
+_COMPARED_ON = ("data", "layout", "split", "videos", "frames_per_setting", "resolution")
+
+
+def _resolution_name(resolution: tuple[int, int] | None) -> str:
+    return "native" if resolution is None else f"{resolution[0]}x{resolution[1]}"
+
+
+def _read_evaluation(uri: str) -> dict[str, Any]:
+    where = storage.join(uri, JSON_FILE)
+    try:
+        evaluation = json.loads(storage.read_bytes(where))
+    except FileNotFoundError:
+        raise ConfigError("compare", f"{redact(where)} does not exist: give the OUTPUT of an earlier "
+                                     "`dcfm evaluate`") from None
+    if evaluation.get("format") != "dcfm-evaluation/1":
+        raise ConfigError("compare", f"{redact(where)} is not a dcfm evaluation (format {evaluation.get('format')!r})")
+    return evaluation
+
+
+def _same_clips(evaluation: dict[str, Any], header: dict[str, Any]) -> str:
+    """The compared evaluation's checkpoint, once it is known to have scored the clips this run scored."""
+    for key in (key for key in _COMPARED_ON if key in header):
+        if evaluation.get(key) != header[key]:
+            raise ConfigError("compare", f"the evaluation of {evaluation['checkpoint']} scored {key} "
+                                         f"{evaluation.get(key)!r}, this run {header[key]!r}: compare evaluations "
+                                         "of the same clips at the same resolution")
+    return evaluation["checkpoint"]
+
+
+def _rows_of(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
+    scale = evaluation.get("nonkey_scale", 1.0)
+    return [{**row, "nonkey_scale": row.get("nonkey_scale", scale)} for row in evaluation["results"]]
+
+
+def _write_outputs(config: EvaluateJobConfig, header: dict, rows: list[dict], compared_rows: list[dict],
                    log: Callable[[str], None]) -> EvaluationSummary:
+    """``rows`` are this run's; ``compared_rows`` (from ``--compare``) join the table and the plot only."""
     summary = EvaluationSummary(header, rows)
     files = {"json": storage.join(config.output, JSON_FILE), "markdown": storage.join(config.output, MARKDOWN_FILE)}
-    table = markdown(rows, header)
+    table = markdown(rows + compared_rows, header)
     storage.write_bytes_atomic(files["json"], json.dumps({**header, "results": rows}, indent=2).encode())
     storage.write_bytes_atomic(files["markdown"], table.encode())
-    if len(rows) > 1:
+    plotted = rows + compared_rows
+    if len(plotted) > 1:
         files["plot"] = storage.join(config.output, PLOT_FILE)
-        title = (f"{header['backbone']}, non-keyframes at {header['nonkey_scale']:g}x, on {header['layout']} "
-                 f"({header['videos']} clips, {header['device']})")
-        storage.write_bytes_atomic(files["plot"], accuracy_vs_speed_png(rows, title))
+        scales = sorted({row["nonkey_scale"] for row in plotted}, reverse=True)
+        title = (f"{header['backbone']}, non-keyframes at {', '.join(f'{s:g}' for s in scales)}x, on "
+                 f"{header['layout']} ({header['videos']} clips, {header['device']})")
+        storage.write_bytes_atomic(files["plot"], accuracy_vs_speed_png(plotted, title))
     if config.save_masks:
         files["masks"] = storage.join(config.output, MASKS_DIR)
     summary.files = files

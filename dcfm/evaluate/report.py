@@ -31,13 +31,14 @@ def _finite(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def result_row(setting: Setting, report: EvaluationReport) -> dict[str, Any]:
+def result_row(setting: Setting, report: EvaluationReport, nonkey_scale: float) -> dict[str, Any]:
     """One setting's numbers as JSON values (NaN -> null)."""
     policy = setting.keyframes
     non_key = report.scores_non_key
     return {
         "setting": setting.name,
         "mode": setting.mode.value,
+        "nonkey_scale": nonkey_scale,
         "keyframe_interval": None if not policy.fixed else policy.interval,
         "adaptive": policy.adaptive,
         "codec": policy.codec,
@@ -70,6 +71,10 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _scale(row: dict[str, Any]) -> float:
+    return row.get("nonkey_scale", 1.0)  # rows written before reduced-resolution models were all full size
+
+
 def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
     """The summary table, then per-class IoU (classes x settings)."""
     lines = [
@@ -78,27 +83,30 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
         f"{header['videos']} clips, {header['frames_per_setting']} frames per setting, model input "
         f"{header['resolution']}, device {header['device']} ({header['threads']} threads).",
         "",
-        "| setting | k | mode | mIoU | mIoU non-key | wIoU | VC8 | VC16 | ms/keyframe | ms/non-keyframe | FPS "
-        "| keyframes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | k | mode | non-key scale | mIoU | mIoU non-key | wIoU | VC8 | VC16 | ms/keyframe "
+        "| ms/non-keyframe | FPS | keyframes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         k = "adaptive" if r["adaptive"] else "codec" if r.get("codec") else str(r["keyframe_interval"])
         lines.append(
-            f"| {r['setting']} | {k} | {r['mode']} | {_fmt(r['miou'])} | {_fmt(r['miou_non_key'])} | "
+            f"| {r['setting']} | {k} | {r['mode']} | {_scale(r):g} | {_fmt(r['miou'])} | {_fmt(r['miou_non_key'])} | "
             f"{_fmt(r['wiou'])} | "
             f"{_fmt(r['vc8'])} | {_fmt(r['vc16'])} | {_fmt(r['ms_per_keyframe'], 2)} | "
             f"{_fmt(r['ms_per_non_keyframe'], 2)} | {_fmt(r['fps'], 1)} | {r['keyframes']}/{r['frames']} |")
-    lines += ["", "Per-class IoU:", "", "| class | " + " | ".join(r["setting"] for r in rows) + " |",
+    several_scales = len({_scale(r) for r in rows}) > 1
+    names = [f"{r['setting']} s={_scale(r):g}" if several_scales else r["setting"] for r in rows]
+    lines += ["", "Per-class IoU:", "", "| class | " + " | ".join(names) + " |",
               "|---|" + "---|" * len(rows)]
     for name in rows[0]["per_class_iou"]:
-        lines.append(f"| {name} | " + " | ".join(_fmt(r["per_class_iou"][name]) for r in rows) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(r["per_class_iou"].get(name)) for r in rows) + " |")
     lines += ["", "Conventions:", ""] + [f"- **{k}**: {v}" for k, v in CONVENTIONS.items()]
     return "\n".join(lines) + "\n"
 
 
 def accuracy_vs_speed_png(rows: list[dict[str, Any]], title: str) -> bytes:
-    """mIoU (and VC8 where defined) against frames per second, one line per reuse mode, points labelled by k."""
+    """mIoU (and VC8 where defined) against frames per second, one line per reuse mode and non-key scale,
+    points labelled by k."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,17 +114,21 @@ def accuracy_vs_speed_png(rows: list[dict[str, Any]], title: str) -> bytes:
 
     panels = [("miou", "mIoU")] + ([("vc8", "VC8")] if any(r["vc8"] is not None for r in rows) else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    scales = sorted({_scale(r) for r in rows}, reverse=True)
     for ax, (key, label) in zip(axes[0], panels):
-        for mode, marker in (("causal", "o"), ("bidirectional", "s")):
-            # k = 1 is the same run for both modes: it starts both lines, which then follow k.
-            points = sorted((r["adaptive"], r["keyframe_interval"] or 0, r["fps"], r[key]) for r in rows
-                            if (r["mode"] == mode or r["keyframe_interval"] == 1) and r["fps"] and r[key] is not None)
-            if not points:
-                continue
-            ax.plot([p[2] for p in points], [p[3] for p in points], marker=marker, label=mode)
-            for adaptive, k, fps, value in points:
-                ax.annotate("AKS" if adaptive else f"k={k}", (fps, value), textcoords="offset points", xytext=(4, 4),
-                            fontsize=8)
+        for scale in scales:
+            for mode, marker in (("causal", "o"), ("bidirectional", "s")):
+                # k = 1 is the same run for both modes: it starts both lines, which then follow k.
+                points = sorted((r["adaptive"], r["keyframe_interval"] or 0, r["fps"], r[key]) for r in rows
+                                if _scale(r) == scale and (r["mode"] == mode or r["keyframe_interval"] == 1)
+                                and r["fps"] and r[key] is not None)
+                if not points:
+                    continue
+                name = f"{mode}, non-key scale {scale:g}" if len(scales) > 1 else mode
+                ax.plot([p[2] for p in points], [p[3] for p in points], marker=marker, label=name)
+                for adaptive, k, fps, value in points:
+                    ax.annotate("AKS" if adaptive else f"k={k}", (fps, value), textcoords="offset points",
+                                xytext=(4, 4), fontsize=8)
         ax.set_xlabel("frames per second")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)

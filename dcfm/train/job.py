@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from dcfm import storage
 from dcfm.checkpoint import CARD_FILE, WEIGHTS_FILE
@@ -92,16 +93,27 @@ def _write_record(config: TrainJobConfig, status: str, started: str, **extra) ->
     storage.write_bytes_atomic(storage.join(config.output, RECORD_FILE), json.dumps(record, indent=2).encode())
 
 
+def _as_recorded_today(recorded: dict[str, Any], config: TrainJobConfig) -> dict[str, Any]:
+    """A run record's settings as this version would write them for the same training: fields added since
+    then take the value every older run implicitly had, and removed fields go, so an old run still resumes."""
+    recorded = dict(recorded)
+    if recorded.get("optim", {}).get("extra") == {}:
+        recorded["optim"] = {k: v for k, v in recorded["optim"].items() if k != "extra"}
+    recorded.setdefault("nonkey_scale", 1.0)  # before reduced-resolution non-keyframes, all ran at full size
+    loss = recorded.get("loss")
+    if isinstance(loss, dict) and "similarity" not in loss and recorded["nonkey_scale"] == 1.0 and config.loss:
+        # λ3 weighs a term full-resolution models do not have: any value trains the same weights.
+        recorded["loss"] = {**loss, "similarity": config.loss.similarity}
+    return recorded
+
+
 def _check_same_run(config: TrainJobConfig, record: dict | None) -> None:
     if record is None:
         return
     if record.get("format") != RECORD_FORMAT:
         raise RunMismatchError(f"{storage.join(config.output, RECORD_FILE)}: format {record.get('format')!r}, "
                                f"expected {RECORD_FORMAT!r}; use another --output")
-    recorded = record["settings"]
-    if recorded.get("optim", {}).get("extra") == {}:  # a field runs recorded before it was removed still carry
-        recorded = {**recorded, "optim": {k: v for k, v in recorded["optim"].items() if k != "extra"}}
-    diff = settings_difference(recorded, config.run_settings())
+    diff = settings_difference(_as_recorded_today(record["settings"], config), config.run_settings())
     if diff:
         raise RunMismatchError(
             f"{redact(config.output)} holds a run with other settings ({'; '.join(diff)}); resuming it with these "

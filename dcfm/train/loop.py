@@ -70,34 +70,48 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
 
 
 class _Window:
-    """Loss sums and timings between two reports."""
+    """Loss sums and timings between two reports.
+
+    The sums stay on the training device until a report: one host sync per report instead of one per loss
+    term per step, and NCCL can all-reduce them (it cannot all-reduce host tensors)."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.data_seconds = 0.0
         self.steps = 0
-        self.sums = torch.zeros(4, dtype=torch.float64)  # total, key CE, reuse CE, consistency
+        self.sums: torch.Tensor | None = None  # total, key CE, reuse CE, consistency, similarity
+        self.has_similarity = False
 
     def add(self, terms) -> None:
         self.steps += 1
-        self.sums += torch.tensor([terms.total.item(), terms.key_ce.item(), terms.reuse_ce.item(),
-                                   terms.consistency.item()], dtype=torch.float64)
+        similarity = terms.similarity if terms.similarity is not None else torch.zeros_like(terms.total)
+        self.has_similarity = terms.similarity is not None
+        step_terms = torch.stack([terms.total.detach(), terms.key_ce, terms.reuse_ce, terms.consistency,
+                                  similarity]).to(torch.float64)
+        self.sums = step_terms if self.sums is None else self.sums + step_terms
 
 
 def _metrics(window: _Window, step: int, config: TrainJobConfig, world: int, lr: float,
              epoch: float) -> dict[str, float]:
-    sums = window.sums.clone()
+    sums = window.sums.clone() if window.sums is not None else torch.zeros(5, dtype=torch.float64)
     if world > 1:  # the mean over all workers' batches, not rank 0's alone
         dist.all_reduce(sums)
         sums /= world
-    sums /= max(1, window.steps)
+    sums = (sums / max(1, window.steps)).tolist()
     elapsed = time.perf_counter() - window.start
-    return {
-        "step": step, "epoch": round(epoch, 4), "loss": float(sums[0]), "key_ce": float(sums[1]),
-        "reuse_ce": float(sums[2]), "consistency": float(sums[3]), "lr": lr,
+    row = {
+        "step": step, "epoch": round(epoch, 4), "loss": sums[0], "key_ce": sums[1],
+        "reuse_ce": sums[2], "consistency": sums[3], "lr": lr,
         "pairs_per_s": world * config.batch_size * window.steps / elapsed if elapsed > 0 else float("nan"),
         "data_fraction": window.data_seconds / elapsed if elapsed > 0 else float("nan"),
     }
+    if window.has_similarity:  # reduced-resolution models only: the FST term (λ3)
+        row["similarity"] = sums[4]
+    return row
+
+
+def _similarity_part(row: dict[str, float]) -> str:
+    return f" sim {row['similarity']:.5f}" if "similarity" in row else ""
 
 
 @dataclass
@@ -197,7 +211,8 @@ def _train(config: TrainJobConfig, run: _Setup, rank: int, world: int, device: t
             window = _Window()
             if rank == 0:
                 _log(f"[train] step {row['step']}/{config.steps} loss {row['loss']:.4f} (key {row['key_ce']:.4f} "
-                     f"reuse {row['reuse_ce']:.4f} pc {row['consistency']:.5f}) lr {row['lr']:.2e} | "
+                     f"reuse {row['reuse_ce']:.4f} pc {row['consistency']:.5f}{_similarity_part(row)}) "
+                     f"lr {row['lr']:.2e} | "
                      f"{row['pairs_per_s']:.2f} pairs/s on {world} worker(s), data {100 * row['data_fraction']:.0f}%")
         if save_now:
             save(row, state, run.model, run.card, run.optimizer)
