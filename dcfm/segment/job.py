@@ -213,15 +213,7 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
             actor["chunks"] += 1
             actor["frames"] += chunk.frames
             actor["seconds"] += chunk.seconds
-        if chunk.extra.get("plan_note"):
-            log(f"[segment] {redact(chunk.uri)}: {chunk.extra['plan_note']}")
-        if chunk.status == "failed":
-            log(f"[segment] FAILED {chunk.uri} ({chunk.error['stage']}): {chunk.error['message']}")
-            if chunk.error.get("detail"):  # an unexpected exception: a bug to report, with where it happened
-                log(f"[segment] unexpected error; its traceback (also in the errors/ row's detail column):\n"
-                    f"{chunk.error['detail']}")
-        elif chunk.chunk_index <= 0 and chunk.probe and chunk.probe.get("warning"):
-            log(f"[segment] WARNING {chunk.uri}: {chunk.probe['warning']}")
+        report_chunk(chunk, log)
         if state.complete():
             video, errors, publish = video_row(state, run_id, digest)
             layout.commit_video(chunk.video_id, run_id, publish, video, errors)
@@ -237,6 +229,20 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
     _write_manifest(layout, config, summary, digest, resolution, started)
     _print_summary(summary, log)
     return summary
+
+
+def report_chunk(chunk: ChunkSummary, log: Callable[[str], None]) -> None:
+    """Log what a chunk's summary says beyond progress: a plan note, a failure (with the traceback of an
+    unexpected one), a warning about its video."""
+    if chunk.extra.get("plan_note"):
+        log(f"[segment] {chunk.uri}: {chunk.extra['plan_note']}")
+    if chunk.status == "failed":
+        log(f"[segment] FAILED {chunk.uri} ({chunk.error['stage']}): {chunk.error['message']}")
+        if chunk.error.get("detail"):  # an unexpected exception: a bug to report, with where it happened
+            log(f"[segment] unexpected error (please report it with this traceback, also in the errors/ row's "
+                f"detail column):\n{chunk.error['detail']}")
+    elif chunk.chunk_index <= 0 and chunk.probe and chunk.probe.get("warning"):
+        log(f"[segment] WARNING {chunk.uri}: {chunk.probe['warning']}")
 
 
 def _resources(config: SegmentJobConfig, connect: bool) -> ActorResources:
