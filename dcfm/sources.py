@@ -27,9 +27,9 @@ extension), since that is almost always a typo in a folder name.
 Video ids: ``<stem>-<8 hex of sha1(uri)>``, e.g. ``clip-3f2a9c1b``. The stem keeps only
 ``[A-Za-z0-9._-]`` (others become ``_``; leading ``.``/``_``/``-`` are dropped because readers skip
 hidden/underscore files; at most 64 characters), so the id is safe as a Hive partition value
-(``video_id=clip-3f2a9c1b``) and as a file name; the hash of the URI (``storage.redact``-ed, so a re-signed presigned URL
-keeps its id and no secret feeds it) keeps two ``clip.mp4`` in different folders apart. Ids are stable for a given URI — local URIs are absolute paths, so moving a
-local dataset changes its ids.
+(``video_id=clip-3f2a9c1b``) and as a file name; the hash of the URI (``storage.redact``-ed, so a re-signed
+presigned URL keeps its id and no secret feeds it) keeps two ``clip.mp4`` in different folders apart. Ids are
+stable for a given URI — local URIs are absolute paths, so moving a local dataset changes its ids.
 """
 
 from __future__ import annotations
