@@ -3,7 +3,8 @@
 A checkpoint is a directory (or URI prefix) holding ``model.safetensors`` and ``dcfm.json``. The JSON
 is written last and records the weights' SHA-256, so it doubles as the completion marker: a directory
 without it, or whose weights do not match the recorded digest, is not a checkpoint. Loading never
-unpickles anything.
+unpickles anything, and never downloads anything (the card's ``pretrained_backbone`` only records how
+training started).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -154,7 +155,9 @@ def load_checkpoint(uri: str | os.PathLike, device: torch.device | str = "cpu") 
         state = load_safetensors(weights)
     except Exception as err:  # safetensors raises its own error type for a non-safetensors payload
         raise CheckpointError(f"{weights_uri}: not a safetensors file ({err}); pickled weights are refused") from err
-    model = DCFM(card.config)
+    # The weights come from the checkpoint: a model trained from ImageNet weights (`--pretrained`, recorded in
+    # the card) is built without them, so loading never downloads anything (actors often have no internet).
+    model = DCFM(replace(card.config, pretrained_backbone=False))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

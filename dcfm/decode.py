@@ -14,8 +14,10 @@ Every failure on bad input (missing, empty, truncated, not a video, undecodable)
 carrying the URI and the stage, so a caller can record it and go on with the next video. A cut-short
 file fails at "open" if it is an MP4 whose index (moov) sits at the end (FFmpeg's default), and at
 "probe" ("truncated: ...") if the index is up front (faststart), since the packets fall short of it.
-Formats without a frame index (MKV/WebM, MPEG-TS) cannot tell a cut file from a short one: probe and
-decode_range then agree on the frames that are there.
+Formats without a frame index (MKV/WebM, MXF, MPEG-TS) cannot tell a cut file from a short one: probe and
+decode_range then agree on the frames that are there, and the probe's ``warning`` says when the file looks
+cut short — Matroska and MXF declare their duration up front, and an MPEG-TS file cut mid-packet ends in a
+partial transport packet.
 
 The probe reads packets only, so it costs about a read of the file (the whole object, for s3://) but no
 decoding. It falls back to decoding every frame where packets do not map one-to-one to displayed frames:
@@ -87,6 +89,9 @@ class VideoProbe:
     # pts[0] is frame first_index's: a window of the whole probe (see `window`), so a chunk of a long
     # video carries what its decode reads, not every frame's pts.
     first_index: int = 0
+    # Set when the frames fall short of what the container declares (a file cut short); they are still
+    # all decodable, so the video is segmented, and the note travels to its videos/ row.
+    warning: str | None = None
 
     def pts_of(self, index: int) -> int:
         """The pts of frame ``index`` (a display index of the whole video)."""
@@ -247,6 +252,7 @@ def probe_video(uri: str) -> VideoProbe:
         except _AV_ERRORS as exc:
             raise VideoError(uri, "probe", f"cannot read packets: {_describe(exc)}; the file is corrupt, "
                                            "re-export it") from exc
+        declared = _declared_extent(container, stream)
         expected = stream.frames  # from the container's index (MP4/MOV); 0 when the format has none
         if expected and (demuxed < expected or last_corrupt):
             got = demuxed - int(last_corrupt)
@@ -267,9 +273,72 @@ def probe_video(uri: str) -> VideoProbe:
             order = sorted(range(len(known)), key=known.__getitem__)
             keyframes = tuple(rank for rank, i in enumerate(order) if entries[i][1])
             last_duration = entries[order[-1]][2] if order else 0
-            return _make_probe(uri, [known[i] for i in order], keyframes, last_duration, time_base, avg_rate,
-                               codec, *dims)
-    return _probe_by_decoding(uri)
+            probe = _make_probe(uri, [known[i] for i in order], keyframes, last_duration, time_base, avg_rate,
+                                codec, *dims)
+            return replace(probe, warning=declared.shortfall(probe))
+    probe = _probe_by_decoding(uri)
+    return replace(probe, warning=declared.shortfall(probe))
+
+
+# Containers whose duration is a header field written by the muxer (Matroska/WebM segment info, MXF
+# descriptors), so it survives a cut. Elsewhere FFmpeg estimates it from the last timestamps in the file (MPEG
+# program and transport streams), which follow the cut and prove nothing.
+_DECLARED_DURATION_FORMATS = ("matroska", "webm", "mxf")
+# MPEG-TS packet sizes: plain, M2TS/AVCHD (4-byte timecode prefix), with Reed-Solomon parity.
+_TS_PACKET_SIZES = (188, 192, 204)
+# Shortfalls below this many seconds (or two frames) are rounding between the container's and the stream's
+# clocks, not a cut.
+_SHORTFALL_TOLERANCE_S = 0.5
+
+
+@dataclass(frozen=True)
+class _DeclaredExtent:
+    """What a container says about its own length, besides the frames it holds."""
+
+    format: str
+    duration_s: float | None  # the video stream's declared duration, where the format declares one
+    size: int  # bytes; 0 if unknown
+
+    def shortfall(self, probe: VideoProbe) -> str | None:
+        """A warning when the probed frames fall short of the declared length, else None."""
+        if self.duration_s is not None and probe.frame_count:
+            frame = 1 / probe.fps if probe.fps else 0.0
+            missing = self.duration_s - probe.duration_s
+            if missing > max(_SHORTFALL_TOLERANCE_S, 2 * frame):
+                return (f"cut short: the {self.format} container declares {self.duration_s:.2f}s of video but its "
+                        f"{probe.frame_count} frames cover {probe.duration_s:.2f}s; the frames present were "
+                        "segmented; re-export or re-upload the file for the rest")
+        if self.format == "mpegts" and self.size and all(self.size % n for n in _TS_PACKET_SIZES):
+            return (f"cut short: {self.size} bytes is not a whole number of MPEG-TS packets (188, 192 or 204 "
+                    f"bytes), so the file ends mid-packet; its {probe.frame_count} frames were segmented; "
+                    "re-export or re-upload the file for the rest")
+        return None
+
+
+def _declared_extent(container: av.container.InputContainer, stream: av.VideoStream) -> _DeclaredExtent:
+    names = container.format.name.split(",")
+    kind = next((n for n in names if n in _DECLARED_DURATION_FORMATS or n == "mpegts"), names[0])
+    duration = None
+    if kind in _DECLARED_DURATION_FORMATS:
+        if stream.duration and stream.time_base:  # MXF: the track's own duration
+            duration = float(stream.duration * stream.time_base)
+        elif "DURATION" in stream.metadata:  # Matroska: the track's DURATION tag (HH:MM:SS.nnnnnnnnn)
+            duration = _clock_seconds(stream.metadata["DURATION"])
+        elif container.duration and len(container.streams) == 1:  # the segment's, when it is the only track
+            duration = container.duration / av.time_base
+    try:
+        size = int(container.size or 0)
+    except Exception:  # a source that cannot tell its size
+        size = 0
+    return _DeclaredExtent(kind, duration, size)
+
+
+def _clock_seconds(text: str) -> float | None:
+    try:
+        hours, minutes, seconds = text.split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except ValueError:
+        return None
 
 
 def _probe_by_decoding(uri: str) -> VideoProbe:

@@ -19,6 +19,11 @@ class SettingsConflict(ValueError):
     """The command contradicts the run already recorded in its output; the fix is a new --output."""
 
 
+class InputError(ValueError):
+    """An input the job refuses before doing any work (a protocol not allowed, a folder without videos, a bad
+    manifest); the message names the input and the fix. A usage error: nothing was read or written."""
+
+
 class ConfigError(ValueError):
     """A setting a job's config refuses. The message names the config field, as Python callers set it; the
     command lines (``dcfm.jobcli.run_job``) show the option that sets it instead."""

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any, TypeVar
 
-from dcfm.errors import ConfigError, ExitCode, SettingsConflict
+from dcfm.errors import ConfigError, ExitCode, InputError, SettingsConflict
 
 ConfigT = TypeVar("ConfigT")
 
@@ -129,6 +129,7 @@ def run_job(
     traceback, since it is a bug or a cluster failure someone has to read.
     """
     from dcfm.checkpoint import CheckpointError  # keeps `dcfm --help` free of torch
+    from dcfm.storage import redact  # messages name inputs: no credentials or signatures on the terminal
 
     try:
         config = build_config(args)
@@ -136,21 +137,21 @@ def run_job(
         print(f"dcfm {name}: error: {err.for_command_line()}", file=sys.stderr)
         return ExitCode.USAGE
     except ValueError as err:
-        print(f"dcfm {name}: error: {err}", file=sys.stderr)
+        print(f"dcfm {name}: error: {redact(str(err))}", file=sys.stderr)
         return ExitCode.USAGE
     try:
         result = run(config)
     except ConfigError as err:  # a setting only the job can check (e.g. against what is stored)
-        print(f"dcfm {name}: error: {err.for_command_line()}", file=sys.stderr)
+        print(f"dcfm {name}: error: {redact(err.for_command_line())}", file=sys.stderr)
         return ExitCode.USAGE
-    except SettingsConflict as err:
-        print(f"dcfm {name}: error: {err}", file=sys.stderr)
+    except (SettingsConflict, InputError) as err:
+        print(f"dcfm {name}: error: {redact(str(err))}", file=sys.stderr)
         return ExitCode.USAGE
     except (CheckpointError, ValueError, FileNotFoundError, PermissionError) as err:
-        print(f"dcfm {name}: job failed: {err}", file=sys.stderr)
+        print(f"dcfm {name}: job failed: {redact(str(err))}", file=sys.stderr)
         return ExitCode.JOB_FAILED
     except Exception:  # e.g. Ray's TrainingFailedError, which wraps the worker's traceback
-        traceback.print_exc()
+        print(redact(traceback.format_exc()), end="", file=sys.stderr)
         print(f"dcfm {name}: job failed; {resume_hint}", file=sys.stderr)
         return ExitCode.JOB_FAILED
     return int(getattr(result, "exit_code", ExitCode.OK))

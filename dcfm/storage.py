@@ -7,7 +7,9 @@ S3 credentials and endpoint come from the standard AWS chain (environment, profi
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -20,13 +22,44 @@ def filesystem(uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(str(uri))
 
 
-def redact(uri: str) -> str:
-    """Drop any user:password@ from a URI before it is logged or written."""
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-    return uri
+# A URI anywhere in a text: scheme://, then everything up to whitespace or a quote.
+_URI = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+# Parameters that carry credentials: presigned S3 (SigV4, SigV2), GCS signed URLs, Azure SAS, CloudFront, OAuth
+# tokens. X-Amz-*/X-Goog-* go wherever they appear (a local path, a library's message); the short generic
+# names only as query parameters (after ? or &), so a Hive-style folder such as sp=2/ is left alone.
+_SECRET_PARAM = re.compile(
+    r"(?i)(\b(?:x-amz|x-goog)-[a-z-]+|(?<=[?&;])(?:awsaccesskeyid|signature|sig|se|sp|sv|st|skoid|sktid|skt|ske|"
+    r"sks|skv|key-pair-id|policy|expires|token|access_token|id_token|security-token|credential|password|passwd|"
+    r"secret|api_?key))=([^&\s'\"<>]*)"
+)
+_TRAILING = ".,;:)]}"
+
+
+def _redact_uri(uri: str) -> str:
+    core = uri.rstrip(_TRAILING)
+    tail = uri[len(core):]
+    try:
+        parts = urlsplit(core)
+        netloc = parts.netloc.rsplit("@", 1)[-1]  # user:password@ goes
+    except ValueError:  # not parseable as a URI (e.g. a bad port): keep it, the parameters still go below
+        return uri
+    # The whole query and fragment go: an object URI needs neither, and presigned signatures live there.
+    return urlunsplit((parts.scheme, netloc, parts.path, "", "")) + tail
+
+
+def redact(text: str) -> str:
+    """``text`` (a URI, a message or a traceback) fit to log or write: every URI in it loses its user:password@,
+    query string and fragment, and signature-like parameters (X-Amz-Signature=..., sig=..., token=...) lose
+    their values wherever they appear. The one gate for URIs and messages on their way to logs, rows and
+    manifests."""
+    text = _URI.sub(lambda m: _redact_uri(m.group(0)), str(text))
+    return _SECRET_PARAM.sub(lambda m: f"{m.group(1)}=REDACTED", text)
+
+
+def redacting(log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log`` behind ``redact``: whatever a line quotes (a URI, an error message, a traceback) reaches the log
+    without user:password@, query strings or signatures. Every job wraps its ``log`` with it."""
+    return lambda line: log(redact(line))
 
 
 def join(uri: str | os.PathLike, *parts: str) -> str:

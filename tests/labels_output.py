@@ -63,15 +63,16 @@ def write_output(root: str, checkpoint: str, digest: str, videos: dict[str, list
                      "keyframes": sum(f.is_keyframe for f in frames),
                      "mean_confidence": float(np.mean([f.confidence for f in frames])),
                      "mean_label_change_rate": None, "mean_keyframe_agreement": None, "seconds": 1.0,
-                     "run_id": RUN_ID, "model_digest": digest}
+                     "run_id": RUN_ID, "model_digest": digest, "warning": None}
         layout.commit_video(video_id, RUN_ID, chunks, video_row, [])
     for video_id, message in (failed or {}).items():
         row = {"video_id": video_id, "video_uri": f"/videos/{video_id}.mp4", "status": "failed", "error": message,
                "frame_count": None, "fps": None, "codec": None, "width": None, "height": None, "duration_s": None,
                "chunks": 0, "keyframes": None, "mean_confidence": None, "mean_label_change_rate": None,
-               "mean_keyframe_agreement": None, "seconds": 0.0, "run_id": RUN_ID, "model_digest": digest}
+               "mean_keyframe_agreement": None, "seconds": 0.0, "run_id": RUN_ID, "model_digest": digest,
+               "warning": None}
         error = {"video_id": video_id, "video_uri": row["video_uri"], "chunk_index": None, "stage": "open",
-                 "error_type": "VideoError", "message": message, "run_id": RUN_ID}
+                 "error_type": "VideoError", "message": message, "run_id": RUN_ID, "detail": None}
         layout.commit_video(video_id, RUN_ID, [], row, [error])
     manifest = {"format": "dcfm-segment-run/1", "run_id": RUN_ID, "started": "2026-01-01T00:00:00+00:00",
                 "config": {"checkpoint": checkpoint, "chunk_frames": chunk_frames},

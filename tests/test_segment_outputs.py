@@ -12,7 +12,7 @@ def commit(layout: OutputLayout, video_id: str, run_id: str) -> None:
         "video_id": video_id, "video_uri": f"/v/{video_id}.mp4", "status": "ok", "error": None, "frame_count": 1,
         "fps": 1.0, "codec": "h264", "width": 2, "height": 2, "duration_s": 1.0, "chunks": 1, "keyframes": 1,
         "mean_confidence": 1.0, "mean_label_change_rate": None, "mean_keyframe_agreement": None, "seconds": 0.0,
-        "run_id": run_id, "model_digest": "d",
+        "run_id": run_id, "model_digest": "d", "warning": None,
     }
     layout.commit_video(video_id, run_id, [0], row, [])
 

@@ -62,6 +62,7 @@ def _mask_writer(output: str, setting: Setting) -> Callable[[LabelledVideo, Fram
 
 def run_evaluate_job(config: EvaluateJobConfig, log: Callable[[str], None] = print) -> EvaluationSummary:
     """Evaluate ``config.checkpoint`` on ``config.data`` and write the reports to ``config.output``."""
+    log = storage.redacting(log)
     device = pick_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -149,6 +149,7 @@ def export_video(video: CommittedVideo, classes: ClassInfo, config: CvatExportCo
 
 def export_cvat(config: CvatExportConfig, log: Callable[[str], None] = print) -> list[ExportedVideo]:
     """Export every selected committed video; returns what was written."""
+    log = storage.redacting(log)
     videos = committed_videos(config.output, config.video_ids)
     if not videos:
         log(f"[export] {config.output}: no committed video with status ok; nothing to export")

@@ -247,6 +247,7 @@ def _joined(video: CommittedVideo) -> Iterator[tuple[np.ndarray, dict]]:
 
 def render_video(config: RenderConfig, log: Callable[[str], None] = print) -> RenderResult:
     """Write the overlay MP4 and still, the contact sheet and the timeline of one committed video."""
+    log = storage.redacting(log)
     from dcfm.encode import write_video
 
     (video,) = committed_videos(config.output, [config.video_id])

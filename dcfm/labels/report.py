@@ -189,6 +189,7 @@ def build_report(config: ReportConfig) -> str:
 
 def write_report(config: ReportConfig, log: Callable[[str], None] = print) -> str:
     """Write the page to ``config.to``; returns its URI."""
+    log = storage.redacting(log)
     page = build_report(config)
     storage.write_bytes_atomic(config.to, page.encode())
     log(f"[report] {config.to}")

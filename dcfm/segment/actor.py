@@ -31,6 +31,7 @@ from dcfm.schemas import output_schema
 from dcfm.segment.config import MaskResolution
 from dcfm.segment.outputs import OutputLayout, parquet_bytes, table_for
 from dcfm.segment.plan import ChunkTask, TaskError
+from dcfm.storage import redact
 
 _DONE = object()
 
@@ -189,7 +190,7 @@ class ChunkSegmenter:
         """Segment one chunk; any failure becomes a failed summary, never an exception."""
         begin = time.perf_counter()
         base = ChunkSummary(
-            task.video_id, task.uri, task.chunk_index, task.num_chunks, status="ok", start=task.start,
+            task.video_id, redact(task.uri), task.chunk_index, task.num_chunks, status="ok", start=task.start,
             stop=task.stop, probe=asdict(task.probe) if task.probe else None, actor_ready_at=self.ready_at,
             node_id=self.node_id, pid=self.pid, extra={"plan_note": task.plan_note} if task.plan_note else {},
         )
@@ -207,11 +208,8 @@ class ChunkSegmenter:
             summary = replace(base, status="failed", error=asdict(TaskError(err.stage, type(err).__name__, str(err))))
         except Exception as err:  # one bad chunk must not take the batch down; the driver records it
             message = f"{task.uri} chunk {task.chunk_index}: {type(err).__name__}: {err}"
-            summary = replace(
-                base, status="failed",
-                error=asdict(TaskError("segment", type(err).__name__, message)),
-                extra={"traceback": traceback.format_exc(limit=8)},
-            )
+            error = TaskError("segment", type(err).__name__, message, detail=traceback.format_exc(limit=8))
+            summary = replace(base, status="failed", error=asdict(error))
         summary.seconds = time.perf_counter() - begin
         # ru_maxrss is the actor process's peak so far (KiB on Linux): memory stays bounded when it does not
         # grow with video length.
@@ -307,7 +305,7 @@ class ChunkSegmenter:
     ) -> dict:
         change = label_change_rate(previous, result.labels) if previous is not None else None
         return {
-            "video_uri": task.uri,
+            "video_uri": redact(task.uri),
             "frame_index": result.index,
             "timestamp_s": timestamp,
             "is_keyframe": result.is_keyframe,

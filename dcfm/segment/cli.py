@@ -11,12 +11,18 @@ EPILOG = """\
 exit status:
   0  every input was segmented (or was already committed) with status ok or empty
   1  the job finished but some inputs failed; their rows are in OUTPUT/errors/ and OUTPUT/videos/
-  2  bad command line, or settings that differ from the run already committed in OUTPUT
+  2  bad command line, a refused input (a protocol not allowed, a folder without videos), or settings that
+     differ from the run already committed in OUTPUT
   3  the job itself failed (cluster, checkpoint, output not writable); rerun the same command to resume
 
 Rerunning a command resumes: committed videos are skipped and nothing is rewritten; of a video that was
 interrupted, the chunks already staged are reused and only the missing ones computed. S3 credentials and
 endpoint come from the standard AWS chain (AWS_* environment variables, profiles, instance roles).
+
+Inputs may be local paths and s3:// URIs (a manifest too); other protocols only with --allow-protocols. Every
+URI and message the job logs or writes (rows, errors, run manifest) is redacted: no user:password@, no query
+string, no signature. A video that looks cut short (fewer frames than its container declares) is committed
+ok with a note in the videos row's `warning` column.
 """
 
 
@@ -31,6 +37,14 @@ def _actors(text: str) -> tuple[int, int]:
     return values[0], values[-1]
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """argparse type: a comma-separated list (``mp4,mkv`` or ``http,https``)."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return names
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from dcfm.segment.config import SegmentJobConfig
 
@@ -39,6 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = EPILOG
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="video files, directories, globs, s3:// prefixes, or a manifest (.txt, or .parquet with a uri column)")
+    p.add_argument("--extensions", type=_names, default=default("extensions"), metavar="EXT,EXT",
+                   help="file extensions taken from directories, prefixes and globs, any case (default: "
+                        + ",".join(e.lstrip(".") for e in default("extensions"))
+                        + "); files named on the command line or in a manifest are always taken; the log, summary "
+                          "and run manifest count the files left out")
+    p.add_argument("--allow-protocols", type=_names, default=(), metavar="PROTO,PROTO",
+                   help="input protocols allowed besides local paths and s3://, e.g. http,https,gs (default: none; "
+                        "an input or manifest entry of another protocol is refused)")
     p.add_argument("--output", required=True, metavar="URI", help="local directory or s3:// prefix for the outputs")
     p.add_argument("--checkpoint", required=True, metavar="URI", help="checkpoint directory (local or s3://)")
     add_reuse_arguments(p, default("mode"))
@@ -75,7 +97,7 @@ def config_from_args(args: argparse.Namespace):
     # Options named after their config fields carry over by name.
     same_name = ("output", "checkpoint", "mode", "nonkey_scale", "chunk_frames", "resolution", "mask_resolution",
                  "batch_size", "gpus_per_actor", "cpus_per_actor", "probe_concurrency", "device", "overwrite",
-                 "retry_failed", "dry_run")
+                 "retry_failed", "dry_run", "extensions", "allow_protocols")
     return SegmentJobConfig(
         inputs=list(args.inputs),
         keyframes=keyframe_policy(args),

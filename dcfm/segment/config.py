@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
-from dcfm.errors import ConfigError
+from dcfm.errors import ConfigError, InputError
 from dcfm.inference import KeyframePolicy, ReuseMode
+from dcfm.sources import VIDEO_EXTENSIONS, normalise_extensions
 
 
 class MaskResolution(str, Enum):
@@ -23,6 +25,10 @@ class SegmentJobConfig:
     inputs: list[str]
     output: str
     checkpoint: str
+    # Files taken from directories, prefixes and globs (any case); explicitly named files are always taken.
+    extensions: tuple[str, ...] = VIDEO_EXTENSIONS
+    # Input protocols allowed besides local paths and s3:// (e.g. ("https",) for presigned URLs in a manifest).
+    allow_protocols: tuple[str, ...] = ()
     keyframes: KeyframePolicy = field(default_factory=KeyframePolicy)
     mode: ReuseMode = ReuseMode.BIDIRECTIONAL
     nonkey_scale: float | None = None  # None: the checkpoint's; another value than the checkpoint's is refused
@@ -50,6 +56,14 @@ class SegmentJobConfig:
         self.mask_resolution = MaskResolution(self.mask_resolution)
         if not self.inputs:
             raise ValueError("no inputs: pass video files, directories, globs, s3:// prefixes or a manifest")
+        try:
+            self.extensions = normalise_extensions(self.extensions)
+        except InputError:
+            raise ConfigError("extensions", f"needs at least one file extension, got {list(self.extensions)}") from None
+        self.allow_protocols = tuple(p.strip().lower().removesuffix("://") for p in self.allow_protocols)
+        bad = [p for p in self.allow_protocols if not re.fullmatch(r"[a-z][a-z0-9+.-]*", p)]
+        if bad:
+            raise ConfigError("allow_protocols", f"takes protocol names such as http,https,gs; got {bad}")
         if self.chunk_frames < 1:
             raise ConfigError("chunk_frames", f"must be >= 1, got {self.chunk_frames}")
         if self.min_actors is None and self.max_actors is not None:

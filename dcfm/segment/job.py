@@ -20,7 +20,7 @@ from dcfm.segment.actor import ActorSettings, ChunkSegmenter, ChunkSummary
 from dcfm.segment.config import ActorResources, SegmentJobConfig, resolve_resources
 from dcfm.segment.outputs import OutputLayout
 from dcfm.segment.plan import lead_in_frames, plan_chunks, plan_tasks, plan_video
-from dcfm.sources import InputItem, expand_inputs
+from dcfm.sources import InputItem, scan_inputs
 from dcfm.storage import redact
 
 # ChunkSummary's timing fields, summed over chunks: where the actors' time went.
@@ -48,6 +48,9 @@ class JobSummary:
     failed: int = 0
     skipped: int = 0  # already committed
     skipped_failed: int = 0  # already committed as failed
+    # Files the input directories, prefixes and globs held besides videos (see --extensions), and a few of them.
+    skipped_files: int = 0
+    skipped_file_examples: list[str] = field(default_factory=list)
     frames: int = 0
     chunks: int = 0
     reused_chunks: int = 0  # staged by an interrupted run of the same settings, reused as they were
@@ -87,7 +90,7 @@ def video_row(state: VideoState, run_id: str, digest: str) -> tuple[dict, list[d
     ok = status == "ok"
     row = {
         "video_id": state.item.video_id,
-        "video_uri": state.item.uri,
+        "video_uri": redact(state.item.uri),
         "status": status,
         "error": failed[0].error["message"] if failed else None,
         "frame_count": probe.get("frame_count"),
@@ -96,6 +99,7 @@ def video_row(state: VideoState, run_id: str, digest: str) -> tuple[dict, list[d
         "width": probe.get("width"),
         "height": probe.get("height"),
         "duration_s": probe.get("duration_s"),
+        "warning": probe.get("warning") if ok else None,
         "chunks": 0 if summaries[0].chunk_index < 0 else len(summaries),
         "keyframes": sum(s.keyframes for s in summaries) if ok else None,
         "mean_confidence": sum(s.confidence_sum for s in summaries) / frames if ok and frames else None,
@@ -108,7 +112,7 @@ def video_row(state: VideoState, run_id: str, digest: str) -> tuple[dict, list[d
     errors = [
         {
             "video_id": state.item.video_id,
-            "video_uri": state.item.uri,
+            "video_uri": redact(state.item.uri),
             "chunk_index": s.chunk_index if s.chunk_index >= 0 else None,
             **s.error,
             "run_id": run_id,
@@ -133,14 +137,17 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
     """Run (or resume) the job described by ``config``; returns what happened."""
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
-    items = expand_inputs(config.inputs)
+    log = storage.redacting(log)
+    inputs = scan_inputs(config.inputs, config.extensions, config.allow_protocols)
+    items = inputs.items
     card, digest = read_card(config.checkpoint)
     resolution = tuple(config.resolution or card.train_size)
     card.check_nonkey_scale(config.nonkey_scale, config.checkpoint)
     run_id = config.run_id(digest, resolution)
     layout = OutputLayout(config.output)
     committed = layout.committed()
-    summary = JobSummary(run_id=run_id, videos=len(items))
+    summary = JobSummary(run_id=run_id, videos=len(items), skipped_files=inputs.skipped,
+                         skipped_file_examples=inputs.skipped_examples)
     foreign = sorted({m["run_id"] for m in committed.values() if m["run_id"] != run_id})
     if foreign and not config.overwrite:
         raise SettingsConflict(
@@ -157,6 +164,8 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
             summary.skipped_failed += marker["status"] == "failed"
     log(f"[segment] run {run_id}: {len(items)} inputs, {summary.skipped} already committed, {len(todo)} to do; "
         f"model {card.config.backbone} ({digest[:12]}) at {resolution[0]}x{resolution[1]}")
+    if inputs.skipped:
+        log(f"[segment] {inputs.skipped_note()}")
     if config.dry_run:
         resources = _resources(config, connect=False)
         summary.resources = resources
@@ -204,10 +213,7 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
             actor["chunks"] += 1
             actor["frames"] += chunk.frames
             actor["seconds"] += chunk.seconds
-        if chunk.extra.get("plan_note"):
-            log(f"[segment] {redact(chunk.uri)}: {chunk.extra['plan_note']}")
-        if chunk.status == "failed":
-            log(f"[segment] FAILED {redact(chunk.uri)} ({chunk.error['stage']}): {chunk.error['message']}")
+        report_chunk(chunk, log)
         if state.complete():
             video, errors, publish = video_row(state, run_id, digest)
             layout.commit_video(chunk.video_id, run_id, publish, video, errors)
@@ -223,6 +229,20 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
     _write_manifest(layout, config, summary, digest, resolution, started)
     _print_summary(summary, log)
     return summary
+
+
+def report_chunk(chunk: ChunkSummary, log: Callable[[str], None]) -> None:
+    """Log what a chunk's summary says beyond progress: a plan note, a failure (with the traceback of an
+    unexpected one), a warning about its video."""
+    if chunk.extra.get("plan_note"):
+        log(f"[segment] {chunk.uri}: {chunk.extra['plan_note']}")
+    if chunk.status == "failed":
+        log(f"[segment] FAILED {chunk.uri} ({chunk.error['stage']}): {chunk.error['message']}")
+        if chunk.error.get("detail"):  # an unexpected exception: a bug to report, with where it happened
+            log(f"[segment] unexpected error (please report it with this traceback, also in the errors/ row's "
+                f"detail column):\n{chunk.error['detail']}")
+    elif chunk.chunk_index <= 0 and chunk.probe and chunk.probe.get("warning"):
+        log(f"[segment] WARNING {chunk.uri}: {chunk.probe['warning']}")
 
 
 def _resources(config: SegmentJobConfig, connect: bool) -> ActorResources:
@@ -322,7 +342,7 @@ def _print_plan(todo: list[InputItem], config: SegmentJobConfig, log: Callable[[
     with ThreadPoolExecutor(max_workers=config.probe_concurrency) as pool:
         for item, probe_result, err in pool.map(probe, todo):
             if err is not None:
-                log(f"| {item.video_id} | {redact(item.uri)} | unreadable: {err} | | | | |")
+                log(f"| {item.video_id} | {redact(item.uri)} | unreadable: {redact(str(err))} | | | | |")
                 continue
             codec = config.keyframes.codec
             tasks = plan_tasks(item.video_id, item.uri, probe_result, config.aligned_chunk_frames, lead_in,
@@ -347,7 +367,9 @@ def _print_summary(s: JobSummary, log: Callable[[str], None]) -> None:
         log(f"| {row['video_id']} | {row['status']} | {frames} | {row['keyframes'] or '-'} | {conf} | {change} | "
             f"{row['seconds']:.1f} |")
     reused = f", {s.reused_chunks} of {s.chunks} chunks reused from an interrupted run" if s.reused_chunks else ""
-    log(f"[segment] {s.ok} ok, {s.empty} empty, {s.failed} failed, {s.skipped} skipped (already committed){reused}; "
+    skipped_files = f"; {s.skipped_files} file(s) in the inputs skipped (not videos)" if s.skipped_files else ""
+    log(f"[segment] {s.ok} ok, {s.empty} empty, {s.failed} failed, {s.skipped} skipped (already committed){reused}"
+        f"{skipped_files}; "
         f"{s.frames} frames in {s.seconds:.1f}s ({s.frames_per_second:.1f} frames/s); "
         f"peak actor memory {s.peak_actor_rss_mb:.0f} MiB; exit {int(s.exit_code)}")
     busy = s.actor_s["seconds"]
@@ -374,7 +396,10 @@ def _write_manifest(layout: OutputLayout, config: SegmentJobConfig, s: JobSummar
         "checkpoint_digest": digest,
         "packages": _package_versions(),
         "counts": {"inputs": s.videos, "ok": s.ok, "empty": s.empty, "failed": s.failed, "skipped": s.skipped,
-                   "chunks": s.chunks, "reused_chunks": s.reused_chunks, "frames": s.frames},
+                   "chunks": s.chunks, "reused_chunks": s.reused_chunks, "frames": s.frames,
+                   "skipped_files": s.skipped_files},
+        "skipped_file_examples": s.skipped_file_examples,
+        "warnings": {row["video_id"]: row["warning"] for row in s.rows if row.get("warning")},
         "timings": {"seconds": s.seconds, "frames_per_second": s.frames_per_second,
                     "startup_s": s.startup_s, "work_s": s.work_s, "actor_s": s.actor_s},
         "resources": asdict(s.resources) if s.resources else None,

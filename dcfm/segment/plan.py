@@ -22,11 +22,13 @@ Tasks travel through Ray Data as JSON strings: flat, schema-free rows that Arrow
 from __future__ import annotations
 
 import json
+import traceback
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from dcfm.decode import VideoError, VideoProbe, probe_video, seek_start
+from dcfm.storage import redact
 
 if TYPE_CHECKING:  # planning runs in Ray tasks that must start fast: no torch here
     from dcfm.inference import KeyframePolicy
@@ -42,13 +44,24 @@ class ProbeInfo:
     width: int
     height: int
     duration_s: float
+    warning: str | None = None  # VideoProbe.warning: the container declares more video than its frames hold
 
 
 @dataclass
 class TaskError:
+    """Why an input or chunk failed, as its errors/ row will say it."""
+
     stage: str
     error_type: str
     message: str
+    # The traceback of an unexpected exception (a bug, not bad input), so it can be reported; None otherwise.
+    detail: str | None = None
+
+    def __post_init__(self) -> None:
+        # Messages and tracebacks quote URIs: they leave the actor redacted, so no log, row or staged summary
+        # ever holds a signature or password.
+        self.message = redact(self.message)
+        self.detail = redact(self.detail) if self.detail is not None else None
 
 
 @dataclass
@@ -123,7 +136,8 @@ def seek_point_bounds(frame_count: int, chunk_frames: int, seek_points: tuple[in
 
 
 def probe_info(probe: VideoProbe) -> ProbeInfo:
-    return ProbeInfo(probe.frame_count, probe.fps, probe.codec, probe.width, probe.height, probe.duration_s)
+    return ProbeInfo(probe.frame_count, probe.fps, probe.codec, probe.width, probe.height, probe.duration_s,
+                     probe.warning)
 
 
 # At most this share of a video's frames is decoded only to reach chunk starts between seek points.
@@ -227,5 +241,6 @@ def plan_video(row: dict, chunk_frames: int, lead_in: int, staging: str | None =
         tasks = [ChunkTask(video_id, uri, -1, 1, error=TaskError(err.stage, type(err).__name__, str(err)))]
     except Exception as err:  # an unexpected probe failure is still this input's failure alone
         message = f"{uri}: {type(err).__name__}: {err}"
-        tasks = [ChunkTask(video_id, uri, -1, 1, error=TaskError("probe", type(err).__name__, message))]
+        error = TaskError("probe", type(err).__name__, message, detail=traceback.format_exc(limit=8))
+        tasks = [ChunkTask(video_id, uri, -1, 1, error=error)]
     return [{"video_id": video_id, "task": t.to_json()} for t in tasks]

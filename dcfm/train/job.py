@@ -134,6 +134,7 @@ def _read_state(checkpoint_uri: str) -> dict:
 
 def run_train_job(config: TrainJobConfig, log: Callable[[str], None] = print) -> TrainSummary:
     """Train (or resume, or recognise as finished) the run in ``config.output``."""
+    log = storage.redacting(log)
     t0 = time.perf_counter()
     record = read_record(config.output)
     _check_same_run(config, record)
