@@ -26,6 +26,8 @@ frame is not the first packet's (a stream cut mid-GOP).
 from __future__ import annotations
 
 import bisect
+
+import bisect
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager
@@ -130,8 +132,9 @@ def _seek_points(probe: VideoProbe, start: int) -> list[int]:
 def seek_start(probe: VideoProbe, start: int) -> int:
     """The frame ``decode_range(..., start, ...)`` starts decoding from: the latest seek point at or before
     ``start``, or 0 (the top of the file) if there is none."""
-    points = _seek_points(probe, start)
-    return points[0] if points else 0
+    # A bisection, not _seek_points: planners ask this for every candidate chunk start of long videos.
+    i = bisect.bisect_right(probe.keyframes, start)
+    return probe.keyframes[i - 1] if i else 0
 
 
 @dataclass
