@@ -10,8 +10,9 @@ also decodes
 * one *look-ahead* frame (``stop``, the next chunk's first frame, always a keyframe): the next keyframe of
   the chunk's last frames in bidirectional mode.
 
-A chunk that starts between seek points decodes from the seek point before it ("pre-roll"). Where seek
-points are too sparse for the chunk length (a long video whose only keyframe is frame 0 would decode every
+A chunk that starts between seek points decodes from the seek point before it ("pre-roll"). A boundary
+whose pre-roll is over budget first moves, by up to a quarter chunk, to just after a nearby seek point. Where
+seek points are too sparse for the chunk length (a long video whose only keyframe is frame 0 would decode every
 chunk from the top: quadratic), chunk boundaries are dropped, cheapest first, until the pre-roll of the
 whole video is at most ``PREROLL_SHARE`` of its frames: fewer, larger chunks, down to one sequential chunk.
 ``ChunkPlan.note`` says so.
