@@ -8,7 +8,8 @@ Bilinear upsampling gives each output pixel a convex combination of the logit ve
 corners of the feature-map cell it falls in. If one class is the strict argmax at all four corners, it
 is the argmax of every convex combination of them, so all output pixels of that cell get that label
 without interpolating anything. Only cells whose corners disagree (class boundaries, a few percent of
-cells on real footage) are interpolated, and only their own pixels. The labels equal the reference's
+cells on real footage) are interpolated, and only their own pixels, and only for the classes that can win
+there (two in almost every border cell: one comparison per pixel). The labels equal the reference's
 except where two classes tie to within float rounding (the reference's own result there depends on its
 kernel's summation order); ``tests/test_postprocess.py`` checks this.
 
