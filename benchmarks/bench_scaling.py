@@ -69,7 +69,8 @@ def actors_benchmark(work: Path, frames: int, chunk: int, gop_seconds: float | N
     videos = sorted((work / "one" / "videos").glob("*.mp4"))
     ckpt = checkpoint(work / "ckpt-small", (128, 256))
     gop = f"a seek point at least every {gop_seconds:g} s" if gop_seconds else "x264's seek points (every 250 frames)"
-    print(f"\n## one video, {frames} frames 128x256 at 15 fps, {gop}, --chunk-frames {chunk}, k = 2, resnet18 at 128x256")
+    print(f"\n## one video, {frames} frames 128x256 at 15 fps, {gop}, --chunk-frames {chunk}, k = 2, "
+          "resnet18 at 128x256")
     print("| actors x CPUs | chunks | work s (manifest) | job s | frames/s (work) | actors that ran chunks (chunks each) |")
     print("|---|---|---|---|---|---|")
     results = {}

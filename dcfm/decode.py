@@ -324,8 +324,8 @@ def decode_range(uri: str, probe: VideoProbe, start: int, stop: int,
 
     Seeks to a keyframe at or before frame ``start`` and decodes forward; ``size = (height, width)``
     resizes with swscale (area averaging) before the frame leaves. ``threads``: the decoder's threads (0: FFmpeg
-    picks, one per core; a Ray actor passes the CPUs it reserved so it does not use the node's). Raises ``VideoError(stage="decode")``
-    if the decoder's frames disagree with the probe (truncated or corrupt file).
+    picks, one per core; a Ray actor passes the CPUs it reserved so it does not use the node's). Raises
+    ``VideoError(stage="decode")`` if the decoder's frames disagree with the probe (truncated or corrupt file).
     """
     if not 0 <= start <= stop <= probe.frame_count:  # checked now, not at the first next()
         raise ValueError(f"bad range [{start}, {stop}) for {probe.frame_count} frames of {uri}")

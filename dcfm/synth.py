@@ -64,7 +64,8 @@ class SynthConfig:
         if not 0 < self.motion <= 16:
             raise ValueError(f"motion must be in (0, 16], got {self.motion}")
         if self.gop_seconds is not None and not self.gop_seconds * self.fps >= 1:
-            raise ValueError(f"gop_seconds must give at least one frame per GOP, got {self.gop_seconds} at {self.fps} fps")
+            raise ValueError(f"gop_seconds must give at least one frame per GOP, got {self.gop_seconds} "
+                             f"at {self.fps} fps")
         if not 0 <= self.cuts < self.frames:
             raise ValueError(f"cuts must be in 0..frames-1, got {self.cuts} for {self.frames} frames")
         if not labeled_frame_indices(self.frames, self.labeled_every):

@@ -127,9 +127,11 @@ def test_one_decoder_thread_starts_no_threads(videos: dict[str, Path]) -> None:
     probe = probe_video(uri)
 
     def ffmpeg_threads(threads: int) -> int:  # FFmpeg names its decoder threads av:<codec>:...
-        frames = decode_range(uri, probe, 0, N, threads=threads)
-        return max(sum(open(f"/proc/self/task/{t}/comm").read().startswith("av:") for t in os.listdir("/proc/self/task"))
-                   for _ in frames)
+        def now() -> int:
+            tasks = Path("/proc/self/task")
+            return sum((tasks / t / "comm").read_text().startswith("av:") for t in os.listdir(tasks))
+
+        return max(now() for _ in decode_range(uri, probe, 0, N, threads=threads))
 
     assert ffmpeg_threads(1) == 0
     assert ffmpeg_threads(2) > 0  # the count is not blind to them
