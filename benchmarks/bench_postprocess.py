@@ -136,7 +136,8 @@ class _ZeroFusion(nn.Module):
         return common
 
 
-def ceiling_table(sources: dict[str, tuple[Path, list[np.ndarray]]], work: Path, frames: int, device: str) -> None:
+def ceiling_table(sources: dict[str, tuple[Path, list[np.ndarray]]], work: Path, frames: int, device: str,
+                  model_size: tuple[int, int] = MODEL_SIZE) -> None:
     from dcfm.checkpoint import ModelCard, save_checkpoint
     from dcfm.inference import KeyframePolicy, ReuseMode
     from dcfm.segment.actor import ActorSettings, ChunkSegmenter
@@ -145,13 +146,13 @@ def ceiling_table(sources: dict[str, tuple[Path, list[np.ndarray]]], work: Path,
     from dcfm.decode import probe_video
 
     config = DCFMConfig("resnet18", num_classes=CLASSES)
-    card = ModelCard(config, [f"c{i}" for i in range(CLASSES)], [(i, i, i) for i in range(CLASSES)], MODEL_SIZE)
+    card = ModelCard(config, [f"c{i}" for i in range(CLASSES)], [(i, i, i) for i in range(CLASSES)], model_size)
     save_checkpoint(work / "ckpt", DCFM(config).eval(), card)
     from dcfm.checkpoint import read_card
 
     _, digest = read_card(str(work / "ckpt"))
-    print(f"\n## pipeline ceiling: zero-cost model, one actor, masks at source size, model input {MODEL_SIZE[0]}x"
-          f"{MODEL_SIZE[1]}, device {device}, k = 6, {frames} frames")
+    print(f"\n## pipeline ceiling: zero-cost model, one actor, masks at source size, model input {model_size[0]}x"
+          f"{model_size[1]}, device {device}, k = 6, {frames} frames")
     print("| source | torch threads | frames/s | ms/frame | decode wait | post-processing (model stage) | PNG + metrics | Parquet |")
     print("|---|---|---|---|---|---|---|---|")
     for name, (path, _) in sources.items():
@@ -160,7 +161,7 @@ def ceiling_table(sources: dict[str, tuple[Path, list[np.ndarray]]], work: Path,
         for threads in THREADS:
             settings = ActorSettings(
                 checkpoint=str(work / "ckpt"), model_digest=digest, output=str(work / "out"), run_id="bench",
-                keyframes=KeyframePolicy(interval=6), mode=ReuseMode.BIDIRECTIONAL, resolution=MODEL_SIZE,
+                keyframes=KeyframePolicy(interval=6), mode=ReuseMode.BIDIRECTIONAL, resolution=model_size,
                 mask_resolution=MaskResolution.SOURCE, batch_size=8, device=device, threads=threads,
                 reuse_staged=False,
             )
@@ -191,6 +192,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=24, help="frames per source (default 24)")
     parser.add_argument("--device", default="cpu", help="device of the ceiling run (cpu or cuda)")
     parser.add_argument("--skip-postprocess", action="store_true")
+    parser.add_argument("--model-size", default=f"{MODEL_SIZE[0]}x{MODEL_SIZE[1]}",
+                        help="model input HxW of the ceiling run (default %(default)s; smaller for a smoke test)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dcfm-post-"))
     try:
@@ -200,7 +203,8 @@ def main() -> None:
             sources[f"{h}p"] = make_source(work, (h, w), args.frames)
         if not args.skip_postprocess:
             postprocess_table(sources, args.frames)
-        ceiling_table(sources, work, args.frames, args.device)
+        model_h, model_w = (int(v) for v in args.model_size.split("x"))
+        ceiling_table(sources, work, args.frames, args.device, (model_h, model_w))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -2,7 +2,8 @@
 
     python benchmarks/bench_scaling.py [--frames 1024 --chunk 64] [--k-frames 96 --k-size 720x1280]
 
-1. Actors: ONE synthetic video (128x256, ``--frames`` frames), ``--chunk-frames 64``, k = 2, ResNet-18 at
+1. Actors: ONE synthetic video (128x256, ``--frames`` frames, a seek point at least every ``--gop-seconds``
+   at 15 fps, as broadcast footage has), ``--chunk-frames 64``, k = 2, ResNet-18 at
    128x256, masks at source size; ``--actors 1 --cpus-per-actor 1`` vs ``--actors 2 --cpus-per-actor 1``.
    Time = the run manifest's ``work_s`` (first chunk started to last chunk finished: no start-up). Checks
    that the frame rows are identical and prints the actors (node:pid) that ran chunks.
@@ -62,11 +63,14 @@ def frame_rows(out: Path) -> list[dict]:
     return sorted(rows, key=lambda r: (r["video_id"], r["frame_index"]))
 
 
-def actors_benchmark(work: Path, frames: int, chunk: int) -> None:
-    generate_corpus(work / "one", SynthConfig(videos=1, frames=frames, height=128, width=256, seed=11))
+def actors_benchmark(work: Path, frames: int, chunk: int, gop_seconds: float | None) -> None:
+    generate_corpus(work / "one", SynthConfig(videos=1, frames=frames, height=128, width=256, seed=11,
+                                              gop_seconds=gop_seconds))
     videos = sorted((work / "one" / "videos").glob("*.mp4"))
     ckpt = checkpoint(work / "ckpt-small", (128, 256))
-    print(f"\n## one video, {frames} frames 128x256, --chunk-frames {chunk}, k = 2, resnet18 at 128x256")
+    gop = f"a seek point at least every {gop_seconds:g} s" if gop_seconds else "x264's seek points (every 250 frames)"
+    print(f"\n## one video, {frames} frames 128x256 at 15 fps, {gop}, --chunk-frames {chunk}, k = 2, "
+          "resnet18 at 128x256")
     print("| actors x CPUs | chunks | work s (manifest) | job s | frames/s (work) | actors that ran chunks (chunks each) |")
     print("|---|---|---|---|---|---|")
     results = {}
@@ -132,6 +136,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=1024)
     parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--gop-seconds", type=float, default=2.0,
+                        help="longest gap between the video's seek points (default 2 s; 0: x264's 250 frames)")
     parser.add_argument("--k-frames", type=int, default=96)
     parser.add_argument("--k-size", default="720x1280")
     parser.add_argument("--only", choices=["actors", "keyframes"], default=None)
@@ -140,7 +146,7 @@ def main() -> None:
     start_ray()
     try:
         if args.only in (None, "actors"):
-            actors_benchmark(work, args.frames, args.chunk)
+            actors_benchmark(work, args.frames, args.chunk, args.gop_seconds or None)
         if args.only in (None, "keyframes"):
             h, w = (int(v) for v in args.k_size.split("x"))
             keyframe_benchmark(work, args.k_frames, (h, w))

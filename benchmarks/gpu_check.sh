@@ -23,10 +23,11 @@ trap 'rm -rf "$WORK"' EXIT
 
 if [[ $SMOKE == 1 ]]; then
   DEVICE=cpu; GPUS=0; SIZES=64x128; BACKBONES=resnet18; CORPUS_SIZE=72x128; FRAMES=12; MODEL=32x64
-  STEPS=2; CROP=64x128; CEILING=72x128
+  STEPS=2; CROP=64x128; CEILING=72x128; CEILING_FRAMES=12
 else
   DEVICE=cuda; GPUS=1; SIZES=512x1024; BACKBONES=resnet18,resnet50,pvt_v2_b2; CORPUS_SIZE=720x1280
   FRAMES=240; MODEL=512x1024; STEPS=20; CROP=512x1024; CEILING=720x1280,1080x1920
+  CEILING_FRAMES=48
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: use --cpu-smoke')"
   nvidia-smi | tee "$OUT/nvidia-smi.log"
 fi
@@ -59,7 +60,8 @@ print('k=$k manifest timings', json.dumps(m['timings']), 'resources', json.dumps
     "$WORK/out-k$k" | tee -a "$OUT/segment-k$k.log"
 done
 
-step ceiling "$PY" benchmarks/bench_postprocess.py --skip-postprocess --device "$DEVICE" --sizes "$CEILING" --frames 48
+step ceiling "$PY" benchmarks/bench_postprocess.py --skip-postprocess --device "$DEVICE" --sizes "$CEILING" \
+  --model-size "$MODEL" --frames "$CEILING_FRAMES"
 
 for workers in 1 2; do
   if [[ $SMOKE == 0 && $workers == 2 && $("$PY" -c "import torch; print(torch.cuda.device_count())") -lt 2 ]]; then

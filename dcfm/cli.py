@@ -38,6 +38,8 @@ def _add_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuts", type=non_negative_int, default=0,
                    help="scene cuts per video: jumps to an unrelated scene, where the encoder starts a new GOP "
                         "(default 0)")
+    p.add_argument("--gop-seconds", type=float, default=None, metavar="S",
+                   help="at most S seconds between seek points, as broadcast footage has (default: x264's 250 frames)")
 
 
 def _run_synth(args: argparse.Namespace) -> int:
@@ -47,7 +49,7 @@ def _run_synth(args: argparse.Namespace) -> int:
     try:
         config = SynthConfig(videos=args.videos, frames=args.frames, height=height, width=width,
                              labeled_every=args.labeled_every, seed=args.seed, fps=args.fps,
-                             motion=args.motion, cuts=args.cuts)
+                             motion=args.motion, cuts=args.cuts, gop_seconds=args.gop_seconds)
     except ValueError as e:  # option combinations argparse can't check one by one
         print(f"dcfm synth: error: {e}", file=sys.stderr)
         return ExitCode.USAGE

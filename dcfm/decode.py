@@ -28,6 +28,8 @@ frame is not the first packet's (a stream cut mid-GOP).
 from __future__ import annotations
 
 import bisect
+
+import bisect
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager
@@ -135,8 +137,9 @@ def _seek_points(probe: VideoProbe, start: int) -> list[int]:
 def seek_start(probe: VideoProbe, start: int) -> int:
     """The frame ``decode_range(..., start, ...)`` starts decoding from: the latest seek point at or before
     ``start``, or 0 (the top of the file) if there is none."""
-    points = _seek_points(probe, start)
-    return points[0] if points else 0
+    # A bisection, not _seek_points: planners ask this for every candidate chunk start of long videos.
+    i = bisect.bisect_right(probe.keyframes, start)
+    return probe.keyframes[i - 1] if i else 0
 
 
 @dataclass
@@ -385,20 +388,21 @@ def _make_probe(uri: str, pts: list[int], keyframes: tuple[int, ...], last_durat
 
 
 def decode_range(uri: str, probe: VideoProbe, start: int, stop: int,
-                 size: tuple[int, int] | None = None) -> Iterator[DecodedFrame]:
+                 size: tuple[int, int] | None = None, threads: int = 0) -> Iterator[DecodedFrame]:
     """Yield frames ``start <= index < stop`` (display order) of ``uri``, frame-accurately, one at a time.
 
     Seeks to a keyframe at or before frame ``start`` and decodes forward; ``size = (height, width)``
-    resizes with swscale (area averaging) before the frame leaves. Raises ``VideoError(stage="decode")``
-    if the decoder's frames disagree with the probe (truncated or corrupt file).
+    resizes with swscale (area averaging) before the frame leaves. ``threads``: the decoder's threads (0: FFmpeg
+    picks, one per core; a Ray actor passes the CPUs it reserved so it does not use the node's). Raises
+    ``VideoError(stage="decode")`` if the decoder's frames disagree with the probe (truncated or corrupt file).
     """
     if not 0 <= start <= stop <= probe.frame_count:  # checked now, not at the first next()
         raise ValueError(f"bad range [{start}, {stop}) for {probe.frame_count} frames of {uri}")
-    return _decode_range(uri, probe, start, stop, size)
+    return _decode_range(uri, probe, start, stop, size, threads)
 
 
 def _decode_range(uri: str, probe: VideoProbe, start: int, stop: int,
-                  size: tuple[int, int] | None) -> Iterator[DecodedFrame]:
+                  size: tuple[int, int] | None, threads: int) -> Iterator[DecodedFrame]:
     if start == stop:
         return
     target = probe.pts_of(start)
@@ -408,7 +412,7 @@ def _decode_range(uri: str, probe: VideoProbe, start: int, stop: int,
     if seeks:
         with open_input(uri) as container:
             stream = _video_stream(container, uri)
-            stream.thread_type = "AUTO"  # frame threads too: an actor decodes one stream at a time
+            _set_threads(stream, threads)
             for seek_pts in seeks:
                 frames = _start_at(container, stream, seek_pts, target)
                 if frames is not None:
@@ -416,8 +420,17 @@ def _decode_range(uri: str, probe: VideoProbe, start: int, stop: int,
                     return
     with open_input(uri) as container:  # no usable seek: decode from the top, as a sequential read does
         stream = _video_stream(container, uri)
-        stream.thread_type = "AUTO"
+        _set_threads(stream, threads)
         yield from _emit(uri, probe, start, stop, size, container.decode(stream))
+
+
+def _set_threads(stream: av.VideoStream, threads: int) -> None:
+    if threads == 1:
+        stream.thread_type = "NONE"  # one frame at a time on the caller's thread: no FFmpeg worker threads
+        stream.codec_context.thread_count = 1
+    else:
+        stream.thread_type = "AUTO"  # frame threads too: an actor decodes one stream at a time
+        stream.codec_context.thread_count = threads
 
 
 def _start_at(container: av.container.InputContainer, stream: av.VideoStream, seek_pts: int,

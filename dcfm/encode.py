@@ -45,16 +45,19 @@ def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
 
 
 def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: int, crf: int = 18,
-                force_keyframes: Iterable[int] = ()) -> int:
+                force_keyframes: Iterable[int] = (), keyint: int | None = None) -> int:
     """Encode RGB uint8 frames (H, W, 3; H and W even) as H.264 yuv420p MP4; return the frame count.
 
     ``force_keyframes``: frame indices encoded as I-frames (seek points), e.g. scene cuts, as footage edited
-    from separately recorded clips has them.
+    from separately recorded clips has them. ``keyint``: at most this many frames from one seek point to the
+    next (x264's default is 250).
 
     Output is byte-identical for identical input (single-threaded x264, bitexact muxing) when
     the width is a multiple of 32; see _X264_OPTIONS for why other widths may not be.
     """
     options = dict(_X264_OPTIONS, crf=str(int(crf)))
+    if keyint is not None:
+        options["g"] = str(int(keyint))
     forced = set(force_keyframes)
     count = 0
     with av.open(

@@ -8,7 +8,8 @@ Bilinear upsampling gives each output pixel a convex combination of the logit ve
 corners of the feature-map cell it falls in. If one class is the strict argmax at all four corners, it
 is the argmax of every convex combination of them, so all output pixels of that cell get that label
 without interpolating anything. Only cells whose corners disagree (class boundaries, a few percent of
-cells on real footage) are interpolated, and only their own pixels. The labels equal the reference's
+cells on real footage) are interpolated, and only their own pixels, and only for the classes that can win
+there (two in almost every border cell: one comparison per pixel). The labels equal the reference's
 except where two classes tie to within float rounding (the reference's own result there depends on its
 kernel's summation order); ``tests/test_postprocess.py`` checks this.
 
@@ -144,7 +145,7 @@ def fast_argmax(
     rows: tuple[np.ndarray, np.ndarray, np.ndarray],
     cols: tuple[np.ndarray, np.ndarray, np.ndarray],
     dtype: np.dtype = np.dtype(np.int64),
-    cells_per_batch: int = 2048,
+    cells_per_batch: int = 4096,
 ) -> np.ndarray:
     """argmax over classes of the bilinearly upsampled ``logits`` (C, h, w), as ``dtype`` (H, W)."""
     c, h, w = logits.shape
@@ -153,12 +154,9 @@ def fast_argmax(
     if c == 1:
         return np.zeros((len(y0), len(x0)), dtype=dtype)
     values = logits.numpy()
-    best = values.argmax(axis=0)
-    top = np.take_along_axis(values, best[None], axis=0)[0]
-    runner_up = values.copy()
-    np.put_along_axis(runner_up, best[None], -np.inf, axis=0)
+    best, top, runner_up = _top_two(values)
     tolerance = _TIE_MARGIN * max(1.0, float(np.abs(top).max()))
-    sure = (top - runner_up.max(axis=0)) > tolerance
+    sure = (top - runner_up) > tolerance
     # Cell (i, j) has corners (i, min(i+1, h-1)) x (j, min(j+1, w-1)), the same clamping as the kernel.
     down = np.minimum(np.arange(h) + 1, h - 1)
     right = np.minimum(np.arange(w) + 1, w - 1)
@@ -178,48 +176,95 @@ def fast_argmax(
     mixed_i, mixed_j = np.nonzero(~uniform & (row_count[:, None] > 0) & (col_count[None, :] > 0))
     if not len(mixed_i):
         return labels
-    row_start = np.searchsorted(y0, np.arange(h))
-    col_start = np.searchsorted(x0, np.arange(w))
+    # Corner logits of every mixed cell, (4, K, C): rows of the channels-last table, one gather each.
+    table = np.ascontiguousarray(values.transpose(1, 2, 0))
+    down_i, right_j = down[mixed_i], right[mixed_j]
+    corners = np.stack([table[mixed_i, mixed_j], table[mixed_i, right_j], table[down_i, mixed_j],
+                        table[down_i, right_j]])
+    # Only classes that can win somewhere in a cell: a class below another's lowest corner value at all
+    # four corners stays below it at every convex combination (strictly: never even ties).
+    candidate = corners.max(axis=0) >= corners.min(axis=0).max(axis=1, keepdims=True)  # (K, C)
+    count = candidate.sum(axis=1)
     sy, sx = int(row_count.max()), int(col_count.max())
-    table = torch.from_numpy(values)
-    # Classes that can win somewhere in a cell (see below), counted for all mixed cells: when there are so
-    # many that interpolating them costs more than upsampling everything (logits with many near-equal
-    # classes), upsample everything.
-    ti, tj = torch.from_numpy(mixed_i), torch.from_numpy(mixed_j)
-    bi, rj = torch.from_numpy(down[mixed_i]), torch.from_numpy(right[mixed_j])
-    corners = torch.stack([table[:, ti, tj], table[:, ti, rj], table[:, bi, tj], table[:, bi, rj]])
-    candidates = int((corners.amax(dim=0) >= corners.amin(dim=0).amax(dim=0)).sum())
-    if candidates * sy * sx > _MAX_MIXED * c * len(y0) * len(x0):
+    # When so many classes can win that interpolating them costs more than upsampling everything (logits
+    # with many near-equal classes), upsample everything.
+    if int(count.sum()) * sy * sx > _MAX_MIXED * c * len(y0) * len(x0):
         return _direct_argmax(logits, (len(y0), len(x0)), dtype)
+    cells = _CellGrid(np.searchsorted(y0, np.arange(h)), row_count, wy_all, sy,
+                      np.searchsorted(x0, np.arange(w)), col_count, wx_all, sx)
     flat = labels.reshape(-1)
     width = labels.shape[1]
-    for first in range(0, len(mixed_i), cells_per_batch):
-        i = mixed_i[first:first + cells_per_batch]
-        j = mixed_j[first:first + cells_per_batch]
-        ys = row_start[i, None] + np.minimum(np.arange(sy), row_count[i, None] - 1)  # (K, sy) output rows
-        xs = col_start[j, None] + np.minimum(np.arange(sx), col_count[j, None] - 1)
-        wy = torch.from_numpy(wy_all[ys]).unsqueeze(1).unsqueeze(-1)  # (K, 1, sy, 1)
-        wx = torch.from_numpy(wx_all[xs]).unsqueeze(1)  # (K, 1, sx)
-        ti, tj = torch.from_numpy(i), torch.from_numpy(j)
-        bi, rj = torch.from_numpy(down[i]), torch.from_numpy(right[j])
-        corners = torch.stack([table[:, ti, tj], table[:, ti, rj], table[:, bi, tj], table[:, bi, rj]])  # (4, C, K)
-        # Only classes that can win somewhere in the cell: a class below another's lowest corner value at
-        # all four corners stays below it at every convex combination (strictly: never even ties).
-        floor = corners.amin(dim=0).amax(dim=0)  # (K,)
-        candidate = corners.amax(dim=0) >= floor  # (C, K)
-        m = int(candidate.sum(dim=0).max())
-        # Candidates first, in class order (a stable sort), so the first maximum is torch.argmax's.
-        classes = torch.argsort((~candidate).to(torch.int8), dim=0, stable=True)[:m]  # (M, K)
-        values_m = corners.gather(1, classes.expand(4, m, -1))  # (4, M, K)
-        values_m = values_m.masked_fill(~candidate.gather(0, classes), _NEVER).permute(0, 2, 1)  # (4, K, M)
-        a, b, c_, d = (v.unsqueeze(-1) for v in values_m)  # (K, M, 1)
-        top_row = a * (1 - wx) + b * wx  # (K, M, sx)
-        bottom_row = c_ * (1 - wx) + d * wx
-        block = top_row.unsqueeze(2) * (1 - wy) + bottom_row.unsqueeze(2) * wy  # (K, M, sy, sx)
-        winner = _first_argmax(block).long()  # (K, sy, sx), index into the cell's candidates
-        exact = classes.T.gather(1, winner.view(len(i), -1)).view(winner.shape).numpy().astype(dtype, copy=False)
+    # Most mixed cells lie on the border of two regions: one or two candidates, one comparison per pixel.
+    pairs = np.flatnonzero(count <= 2)
+    for part in np.array_split(pairs, max(1, -(-len(pairs) // cells_per_batch))):
+        if not len(part):
+            continue
+        ys, xs, wy, wx = cells.pixels(mixed_i[part], mixed_j[part])
+        low = candidate[part].argmax(axis=1)  # the two classes in class order (the same one twice if alone)
+        high = c - 1 - candidate[part, ::-1].argmax(axis=1)
+        wins = _bilinear(corners[:, part, high], wy, wx) > _bilinear(corners[:, part, low], wy, wx)
+        exact = np.where(wins, high[:, None, None], low[:, None, None]).astype(dtype, copy=False)
         np.put(flat, (ys * width)[:, :, None] + xs[:, None, :], exact)
+    many = np.flatnonzero(count > 2)
+    for part in np.array_split(many, max(1, -(-len(many) // cells_per_batch))):
+        if not len(part):
+            continue
+        ys, xs, wy, wx = cells.pixels(mixed_i[part], mixed_j[part])
+        m = int(count[part].max())
+        # Candidates first, in class order (a stable sort), so the first maximum is torch.argmax's.
+        classes = np.argsort(~candidate[part], axis=1, kind="stable")[:, :m]  # (K, M)
+        chosen = np.take_along_axis(corners[:, part], classes[None], axis=2)  # (4, K, M)
+        chosen = np.where(np.take_along_axis(candidate[part], classes, axis=1)[None], chosen, np.float32(_NEVER))
+        block = _bilinear(chosen, wy[:, None], wx[:, None])  # (K, M, sy, sx)
+        winner = _first_argmax(torch.from_numpy(block)).numpy().astype(np.int64)  # (K, sy, sx)
+        exact = np.take_along_axis(classes, winner.reshape(len(part), -1), axis=1).reshape(winner.shape)
+        np.put(flat, (ys * width)[:, :, None] + xs[:, None, :], exact.astype(dtype, copy=False))
     return labels
+
+
+@dataclass(frozen=True)
+class _CellGrid:
+    """Where each feature-map cell's output pixels are: first output row/column, how many, and their
+    bilinear weights; rectangles padded to ``sy`` x ``sx`` by repeating the last row/column."""
+
+    row_start: np.ndarray
+    row_count: np.ndarray
+    wy: np.ndarray
+    sy: int
+    col_start: np.ndarray
+    col_count: np.ndarray
+    wx: np.ndarray
+    sx: int
+
+    def pixels(self, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Output rows (K, sy), columns (K, sx) and weights (K, sy, 1), (K, 1, sx) of cells (i, j)."""
+        ys = self.row_start[i, None] + np.minimum(np.arange(self.sy), self.row_count[i, None] - 1)
+        xs = self.col_start[j, None] + np.minimum(np.arange(self.sx), self.col_count[j, None] - 1)
+        return ys, xs, self.wy[ys][:, :, None], self.wx[xs][:, None, :]
+
+
+def _bilinear(corners: np.ndarray, wy: np.ndarray, wx: np.ndarray) -> np.ndarray:
+    """Interpolate (4, ...) corner values (top-left, top-right, bottom-left, bottom-right) at weights
+    ``wy``/``wx`` broadcast against them, in float32 and in the order of ATen's CPU kernel (columns
+    first, then rows), so that a value equals the reference's to the last bit."""
+    a, b, c, d = (v[..., None, None] for v in corners)
+    top = a * (1 - wx) + b * wx
+    bottom = c * (1 - wx) + d * wx
+    return top * (1 - wy) + bottom * wy
+
+
+def _top_two(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For (C, h, w): the first index of the maximum over C (as argmax), the maximum and the second
+    largest value, in one pass over the classes (numpy's reductions over a leading axis are slower)."""
+    top = values[0].copy()
+    second = np.full_like(top, -np.inf)
+    best = np.zeros(top.shape, np.uint8 if len(values) <= 256 else np.int32)
+    for c in range(1, len(values)):
+        v = values[c]
+        np.maximum(second, np.minimum(v, top), out=second)
+        np.putmask(best, v > top, c)
+        np.maximum(top, v, out=top)
+    return best, top, second
 
 
 def _direct_argmax(logits: torch.Tensor, size: tuple[int, int], dtype: np.dtype) -> np.ndarray:

@@ -49,6 +49,9 @@ class SynthConfig:
     # Scene cuts per video: the video jumps to another, unrelated scene this many times (at evenly spaced frames,
     # jittered), as edited footage does; the encoder starts a new GOP at each (x264 scene-cut detection).
     cuts: int = 0
+    # Longest stretch between seek points, in seconds (the encoder's GOP); None leaves x264's default of 250
+    # frames (17 s at 15 fps). Broadcast and streaming footage has one every 1-2 s.
+    gop_seconds: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("videos", "frames", "height", "width", "labeled_every", "fps"):
@@ -60,6 +63,9 @@ class SynthConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if not 0 < self.motion <= 16:
             raise ValueError(f"motion must be in (0, 16], got {self.motion}")
+        if self.gop_seconds is not None and not self.gop_seconds * self.fps >= 1:
+            raise ValueError(f"gop_seconds must give at least one frame per GOP, got {self.gop_seconds} "
+                             f"at {self.fps} fps")
         if not 0 <= self.cuts < self.frames:
             raise ValueError(f"cuts must be in 0..frames-1, got {self.cuts} for {self.frames} frames")
         if not labeled_frame_indices(self.frames, self.labeled_every):
@@ -200,7 +206,8 @@ def generate_corpus(out_dir: Path, config: SynthConfig) -> Path:
                 yield rgb
 
         write_video(out_dir / "videos" / f"{vid}.mp4", frames_and_labels(), fps=config.fps,
-                    force_keyframes=cut_frames(config, index))
+                    force_keyframes=cut_frames(config, index),
+                    keyint=round(config.gop_seconds * config.fps) if config.gop_seconds else None)
         entries.append({
             "id": vid,
             "video": f"videos/{vid}.mp4",

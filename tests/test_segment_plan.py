@@ -84,6 +84,18 @@ def test_dense_seek_points_keep_every_chunk() -> None:
     assert len(plan.bounds) == len(chunk_bounds(1000, 64)) and plan.note == ""
 
 
+def test_boundaries_move_to_seek_points_a_few_frames_away() -> None:
+    """Footage with a seek point every 2 s (30 frames): 64-frame chunks start just after the seek point near
+    their nominal start instead of being merged, so a video still splits into even chunks for the actors."""
+    video, chunk, lead = probe(1024, gop=30), 64, 2
+    plan = plan_chunks(video, chunk, lead)
+    starts = [a for a, _ in plan.bounds]
+    assert len(plan.bounds) == len(chunk_bounds(1024, chunk)) and plan.note == ""
+    assert all(a % lead == 0 and abs(a - i * chunk) <= chunk // 4 for i, a in enumerate(starts))
+    assert plan.decoded_frames <= (1 + PREROLL_SHARE) * 1024 + len(starts) * (lead + 1)
+    assert decoded_frames(video, chunk, lead) == plan.decoded_frames
+
+
 def test_defaults_fill_the_cluster() -> None:
     base = SegmentJobConfig(["a"], "out", "ckpt")
     cpu = resolve_resources(base, cluster_cpus=2, cluster_gpus=0)

@@ -207,3 +207,17 @@ def test_motion_is_recorded_and_checked(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "manifest.json").read_text())["motion"] == 2.5
     with pytest.raises(ValueError, match="motion"):
         SynthConfig(videos=1, frames=2, height=32, width=64, motion=0)
+
+
+def test_gop_seconds_bounds_the_gap_between_seek_points(tmp_path: Path) -> None:
+    from dcfm.decode import probe_video
+
+    base = dict(videos=1, frames=45, height=32, width=64, fps=10)
+    generate_corpus(tmp_path / "default", SynthConfig(**base))
+    generate_corpus(tmp_path / "gop", SynthConfig(**base, gop_seconds=1.0))
+    assert probe_video(str(tmp_path / "default" / "videos" / "synth_0000.mp4")).keyframes == (0,)
+    points = probe_video(str(tmp_path / "gop" / "videos" / "synth_0000.mp4")).keyframes
+    gaps = np.diff([*points, 45])
+    assert points[0] == 0 and len(points) >= 4 and gaps.max() <= 10
+    with pytest.raises(ValueError, match="gop_seconds"):
+        SynthConfig(**base, gop_seconds=0.05)

@@ -119,6 +119,25 @@ def test_mp4_trimmed_by_edit_list(tmp_path: Path) -> None:
     _assert_chunks_match(path, SMALL)
 
 
+def test_one_decoder_thread_starts_no_threads(videos: dict[str, Path]) -> None:
+    """A Ray actor that reserved one CPU decodes on its own thread: FFmpeg starts no workers beside it."""
+    import os
+
+    uri = str(videos["bframes"])
+    probe = probe_video(uri)
+
+    def ffmpeg_threads(threads: int) -> int:  # FFmpeg names its decoder threads av:<codec>:...
+        def now() -> int:
+            tasks = Path("/proc/self/task")
+            return sum((tasks / t / "comm").read_text().startswith("av:") for t in os.listdir(tasks))
+
+        return max(now() for _ in decode_range(uri, probe, 0, N, threads=threads))
+
+    assert ffmpeg_threads(1) == 0
+    assert ffmpeg_threads(2) > 0  # the count is not blind to them
+    assert [f.index for f in decode_range(uri, probe, 7, 19, threads=1)] == list(range(7, 19))
+
+
 def test_range_edges(videos: dict[str, Path]) -> None:
     uri = str(videos["bframes"])
     probe = probe_video(uri)

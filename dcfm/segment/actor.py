@@ -239,7 +239,8 @@ class ChunkSegmenter:
         timestamps: dict[int, float] = {}
 
         def frames() -> Iterator[np.ndarray]:
-            decoded = decode_range(task.uri, task.video_probe(), task.lead_start, task.decode_stop, size=s.resolution)
+            decoded = decode_range(task.uri, task.video_probe(), task.lead_start, task.decode_stop, size=s.resolution,
+                                   threads=s.threads)
             with closing(prefetch(decoded, 2 * s.batch_size)) as buffered:
                 while True:
                     asked = time.perf_counter()

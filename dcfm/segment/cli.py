@@ -78,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-actor", type=float, default=default("gpus_per_actor"),
                    help="GPUs per actor (default 1 if the cluster has GPUs, else 0)")
     p.add_argument("--cpus-per-actor", type=float, default=default("cpus_per_actor"),
-                   help="CPUs per actor, also its torch threads (default: with GPUs, the CPUs divided among "
+                   help="CPUs per actor, also its torch and video decoder threads (default: with GPUs, the CPUs divided among "
                         "the GPU actors less one for probes; without, 1, or 2 from 8 CPUs up)")
     p.add_argument("--probe-concurrency", type=positive_int, default=default("probe_concurrency"), metavar="N",
                    help="videos probed at once, ahead of the actors (default %(default)s)")

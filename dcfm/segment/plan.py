@@ -10,8 +10,9 @@ also decodes
 * one *look-ahead* frame (``stop``, the next chunk's first frame, always a keyframe): the next keyframe of
   the chunk's last frames in bidirectional mode.
 
-A chunk that starts between seek points decodes from the seek point before it ("pre-roll"). Where seek
-points are too sparse for the chunk length (a long video whose only keyframe is frame 0 would decode every
+A chunk that starts between seek points decodes from the seek point before it ("pre-roll"). A boundary
+whose pre-roll is over budget first moves, by up to a quarter chunk, to just after a nearby seek point. Where
+seek points are too sparse for the chunk length (a long video whose only keyframe is frame 0 would decode every
 chunk from the top: quadratic), chunk boundaries are dropped, cheapest first, until the pre-roll of the
 whole video is at most ``PREROLL_SHARE`` of its frames: fewer, larger chunks, down to one sequential chunk.
 ``ChunkPlan.note`` says so.
@@ -152,20 +153,32 @@ class ChunkPlan:
 
 
 def plan_chunks(probe: VideoProbe, chunk_frames: int, lead_in: int) -> ChunkPlan:
-    """Chunk boundaries of a video: every ``chunk_frames``, less those whose pre-roll would exceed the budget."""
+    """Chunk boundaries of a video: every ``chunk_frames``, moved by up to a quarter chunk to just after a seek
+    point where that saves pre-roll, and dropped where the pre-roll would still exceed the budget."""
     n = probe.frame_count
-    base = chunk_bounds(n, chunk_frames)
-    cost = {}
-    for start, _ in base[1:]:
+
+    def cost(start: int) -> int:  # frames decoded only to reach the chunk's lead-in
         lead_start = max(0, start - lead_in)
-        cost[start] = lead_start - seek_start(probe, lead_start)
+        return lead_start - seek_start(probe, lead_start)
+
+    base = chunk_bounds(n, chunk_frames)
+    # Moves keep a boundary on the keyframe schedule: steps of the interval (the lead-in of fixed schedules).
+    step = max(1, lead_in)
+    reach = chunk_frames // 4 // step
     # A boundary is kept only if its pre-roll is at most PREROLL_SHARE of the chunk it ends: each chunk
     # pays for the next one's pre-roll, so the video's total stays within PREROLL_SHARE of its frames, and
-    # where seek points are sparse chunks grow to span them.
+    # where seek points are sparse chunks grow to span them. Where the boundary itself is over budget but a
+    # start a few frames away is not (footage with a seek point every second or two), that start is taken:
+    # chunks stay near their nominal length, so the actors share a video evenly.
     starts = [0]
-    for start in cost:
-        if cost[start] <= PREROLL_SHARE * (start - starts[-1]):
-            starts.append(start)
+    for nominal, _ in base[1:]:
+        if cost(nominal) <= PREROLL_SHARE * (nominal - starts[-1]):
+            starts.append(nominal)
+            continue
+        near = [nominal + j * step for j in range(-reach, reach + 1) if starts[-1] < nominal + j * step < n]
+        fits = [s for s in near if cost(s) <= PREROLL_SHARE * (s - starts[-1])]
+        if fits:
+            starts.append(min(fits, key=lambda s: (cost(s), abs(s - nominal))))
     bounds = [(a, b) for a, b in zip(starts, [*starts[1:], n])] if n else []
     decoded = sum(min(n, b + 1) - seek_start(probe, max(0, a - lead_in)) for a, b in bounds)
     note = ""
@@ -174,7 +187,8 @@ def plan_chunks(probe: VideoProbe, chunk_frames: int, lead_in: int) -> ChunkPlan
         where = "only frame 0 is a seek point" if len(probe.keyframes) <= 1 else f"a seek point every ~{gaps:.0f} frames"
         shape = "one sequential chunk" if len(bounds) == 1 else f"{len(bounds)} chunks instead of {len(base)}"
         note = (f"{shape}: {where}, so chunks of {chunk_frames} frames would decode "
-                f"{sum(cost.values()) + n} frames to reach their starts; now {decoded} decoded for {n}")
+                f"{sum(cost(start) for start, _ in base[1:]) + n} frames to reach their starts; now {decoded} "
+                f"decoded for {n}")
     return ChunkPlan(bounds, decoded, note)
 
 
