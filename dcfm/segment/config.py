@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 from dcfm.errors import ConfigError
+from dcfm.faults import RetryPolicy
 from dcfm.inference import KeyframePolicy, ReuseMode
 
 
@@ -44,6 +45,10 @@ class SegmentJobConfig:
     # Videos probed at once. Probing reads every packet header (the whole file, from object storage), so a
     # few parallel probes keep many GPUs fed; each is a Ray worker process, so it is bounded.
     probe_concurrency: int = 4
+    # Transient failures (storage or network unavailable, throttling, a full or read-only output, killed
+    # actors) are retried with this backoff; when it runs out the job stops with exit 3 and commits nothing
+    # of the video at hand. It is also how often Ray retries a chunk whose actor died.
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
         self.mode = ReuseMode(self.mode)

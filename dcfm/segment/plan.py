@@ -27,6 +27,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from dcfm.decode import VideoError, VideoProbe, probe_video, seek_start
+from dcfm.faults import Fault, RetryPolicy, Side, TransientFailure
 
 if TYPE_CHECKING:  # planning runs in Ray tasks that must start fast: no torch here
     from dcfm.inference import KeyframePolicy
@@ -49,6 +50,16 @@ class TaskError:
     stage: str
     error_type: str
     message: str
+    # INPUT: the video is committed as failed. Anything else stops the job (exit 3) and commits nothing of it.
+    fault: Fault = Fault.INPUT
+
+    def __post_init__(self) -> None:
+        self.fault = Fault(self.fault)  # from JSON it arrives as its value
+
+    @classmethod
+    def stopped(cls, stage: str, err: TransientFailure) -> TaskError:
+        """The error of a chunk or probe whose transient failure outlasted its retries."""
+        return cls(stage, type(err).__name__, str(err), err.fault)
 
 
 @dataclass
@@ -213,16 +224,24 @@ def staged_chunks(staging_dir: str | None) -> frozenset[int]:
 
 
 def plan_video(row: dict, chunk_frames: int, lead_in: int, staging: str | None = None,
-               align_to_seek_points: bool = False) -> list[dict]:
+               align_to_seek_points: bool = False, retry: RetryPolicy | None = None) -> list[dict]:
     """Ray Data flat_map: probe one input and emit its chunk tasks (or one failed pass-through task).
 
-    ``staging``: the run's staging root; chunks already staged there are marked for reuse.
+    ``staging``: the run's staging root; chunks already staged there are marked for reuse. ``retry``: how
+    transient storage failures are retried; one that outlasts it becomes a pass-through task whose error
+    stops the job instead of failing the video.
     """
+    from dcfm.storage import redact
+
     video_id, uri = str(row["video_id"]), str(row["uri"])
+    retry = retry or RetryPolicy()
     try:
-        probe = probe_video(uri)
-        staged = staged_chunks(f"{staging.rstrip('/')}/{video_id}" if staging else None)
+        probe = retry.call(lambda: probe_video(uri), Side.INPUT, f"probing {redact(uri)}", log=print)
+        staging_dir = f"{staging.rstrip('/')}/{video_id}" if staging else None
+        staged = retry.call(lambda: staged_chunks(staging_dir), Side.OUTPUT, f"listing {redact(str(staging_dir))}", log=print)
         tasks = plan_tasks(video_id, uri, probe, chunk_frames, lead_in, staged, align_to_seek_points)
+    except TransientFailure as err:
+        tasks = [ChunkTask(video_id, uri, -1, 1, error=TaskError.stopped("probe", err))]
     except VideoError as err:
         tasks = [ChunkTask(video_id, uri, -1, 1, error=TaskError(err.stage, type(err).__name__, str(err)))]
     except Exception as err:  # an unexpected probe failure is still this input's failure alone
