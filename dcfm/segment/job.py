@@ -141,7 +141,9 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
     run_id = config.run_id(digest, resolution)
     layout = OutputLayout(config.output)
     retry = config.retry
-    committed = retry.call(layout.committed, Side.OUTPUT, f"listing {redact(config.output)}", log=log)
+    # Only network failures are worth waiting for here: an output this job may not list fails at once.
+    committed = retry.call(layout.committed, Side.OUTPUT, f"listing {redact(config.output)}",
+                           retry_on=frozenset({Fault.TRANSIENT}), log=log)
     summary = JobSummary(run_id=run_id, videos=len(items))
     foreign = sorted({m["run_id"] for m in committed.values() if m["run_id"] != run_id})
     if foreign and not config.overwrite:
@@ -212,10 +214,6 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
             actor["seconds"] += chunk.seconds
         if chunk.extra.get("plan_note"):
             log(f"[segment] {redact(chunk.uri)}: {chunk.extra['plan_note']}")
-        if chunk.status == "failed" and Fault(chunk.error["fault"]).stops_job:
-            # Retries ran out on storage, network or the output: stop, committing nothing of this video;
-            # videos already committed stay, and a rerun does the rest.
-            raise JobFailure(chunk.error["message"])
         if chunk.status == "failed":
             log(f"[segment] FAILED {redact(chunk.uri)} ({chunk.error['stage']}): {chunk.error['message']}")
         if state.complete():
@@ -238,22 +236,34 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
 
 
 def _chunk_summaries(dataset) -> Iterator[ChunkSummary]:
-    """The chunk summaries as the pipeline yields them. Ray retries a chunk whose actor died (restarting the
-    actor) up to ``retry.attempts`` times; a cluster failure that outlasts that stops the job (exit 3)."""
+    """The chunk summaries as the pipeline yields them, or ``JobFailure`` (exit 3) for a chunk or probe whose
+    storage, network or output failure outlasted its retries: the video it belongs to is then not committed
+    (videos already committed stay; a rerun does the rest). Ray retries a chunk whose actor died (restarting
+    the actor) up to ``retry.attempts`` times; a cluster failure that outlasts that stops the job too."""
     rows = iter(dataset.iter_rows())
-    while True:
-        try:
-            row = next(rows)
-        except StopIteration:
-            return
-        except JobFailure:
-            raise
-        except Exception as err:
-            if classify(err) is Fault.INPUT:
-                raise  # not storage or the cluster: a bug, shown with its traceback
-            raise TransientFailure("the segment pipeline", classify(err), 1, 0.0,
-                                   f"{type(err).__name__}: {err}") from err
-        yield ChunkSummary(**json.loads(row["summary"]))
+    try:
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except JobFailure:
+                raise
+            except Exception as err:
+                if classify(err) is Fault.INPUT:
+                    raise  # not storage or the cluster: a bug, shown with its traceback
+                raise TransientFailure("the segment pipeline", classify(err), 1, 0.0,
+                                       f"{type(err).__name__}: {err}") from err
+            chunk = ChunkSummary(**json.loads(row["summary"]))
+            if chunk.status == "failed" and Fault(chunk.error["fault"]).stops_job:
+                raise JobFailure(chunk.error["message"])
+            yield chunk
+    finally:
+        # A job that stops early shuts the pipeline down now (its actors free their CPUs), not whenever the
+        # iterator is collected.
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
 
 
 def _resources(config: SegmentJobConfig, connect: bool) -> ActorResources:
