@@ -47,7 +47,7 @@ class SegmentJobConfig:
     probe_concurrency: int = 4
     # Transient failures (storage or network unavailable, throttling, a full or read-only output, killed
     # actors) are retried with this backoff; when it runs out the job stops with exit 3 and commits nothing
-    # of the video at hand. It is also how often Ray retries a chunk whose actor died.
+    # of the video at hand.
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:

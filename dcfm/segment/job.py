@@ -238,8 +238,8 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
 def _chunk_summaries(dataset) -> Iterator[ChunkSummary]:
     """The chunk summaries as the pipeline yields them, or ``JobFailure`` (exit 3) for a chunk or probe whose
     storage, network or output failure outlasted its retries: the video it belongs to is then not committed
-    (videos already committed stay; a rerun does the rest). Ray retries a chunk whose actor died (restarting
-    the actor) up to ``retry.attempts`` times; a cluster failure that outlasts that stops the job too."""
+    (videos already committed stay; a rerun does the rest). Ray redoes a chunk whose actor died (restarting
+    the actor); a cluster failure Ray gives up on stops the job too."""
     rows = iter(dataset.iter_rows())
     try:
         while True:
@@ -317,11 +317,9 @@ def _pipeline(todo: list[InputItem], config: SegmentJobConfig, settings: ActorSe
             # ones, a video's short last chunk) do not queue behind each other on one actor.
             compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors,
                                       max_tasks_in_flight_per_actor=1),
-            # A killed actor (OOM, a lost node, a SIGKILL) is restarted and its chunk redone from the start on
-            # it; Ray Data's defaults, written out because the job relies on them, with the chunk's retries
-            # bounded so a chunk that kills every actor it runs on stops the job instead of looping.
-            max_restarts=-1,
-            max_task_retries=config.retry.attempts,
+            # A killed actor (OOM, a lost node, a SIGKILL) is restarted and its chunk redone on it: Ray Data's
+            # defaults for actor pools (max_restarts=-1, max_task_retries=-1; passing them is deprecated), which
+            # tests/test_segment_faults.py holds it to.
             batch_size=1,
             num_cpus=resources.cpus_per_actor,
             num_gpus=resources.gpus_per_actor,
