@@ -45,9 +45,9 @@ class SegmentJobConfig:
     # Videos probed at once. Probing reads every packet header (the whole file, from object storage), so a
     # few parallel probes keep many GPUs fed; each is a Ray worker process, so it is bounded.
     probe_concurrency: int = 4
-    # Transient failures (storage or network unavailable, throttling, a full or read-only output, killed
-    # actors) are retried with this backoff; when it runs out the job stops with exit 3 and commits nothing
-    # of the video at hand.
+    # Transient failures (storage or network unavailable, throttling, server errors, a full or read-only
+    # output) are retried with this backoff; when it runs out the job stops with exit 3 and commits nothing
+    # of the video at hand. Killed actors are Ray's to restart (their chunk is redone).
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
