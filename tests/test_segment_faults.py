@@ -100,12 +100,16 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def test_storage_paused_mid_job_commits_no_failed_video(ray_local, s3_server, s3_inputs, clean, checkpoint,  # noqa: F811
-                                                       monkeypatch) -> None:
-    bucket, uris = s3_inputs
+@pytest.fixture
+def s3_job(ray_local, s3_server, s3_inputs, clean, monkeypatch) -> tuple[str, list[str], str]:
+    """The driver's AWS environment pointed at the session's SeaweedFS: (bucket, input URIs, clean output)."""
     for key, value in s3_server.env_vars().items():
         monkeypatch.setenv(key, value)
-    clean_out, _ = clean
+    return *s3_inputs, clean[0]
+
+
+def test_storage_paused_mid_job_commits_no_failed_video(s3_job, s3_server, checkpoint) -> None:  # noqa: F811
+    bucket, uris, clean_out = s3_job
     out = f"{bucket}/paused"
     thread, result = run_in_thread(job(uris, out, checkpoint, chunk_frames=CHUNK))
     weed = s3_server._proc.pid  # the `weed server` this session's fixture started
@@ -142,12 +146,8 @@ def segment_actors() -> dict[str, dict]:
     return {aid: a for aid, a in state.actors().items() if "MapWorker" in a["ActorClassName"]}
 
 
-def test_killed_actor_mid_chunk_redoes_the_chunk(ray_local, s3_server, s3_inputs, clean, checkpoint,  # noqa: F811
-                                                 monkeypatch) -> None:
-    bucket, uris = s3_inputs
-    for key, value in s3_server.env_vars().items():
-        monkeypatch.setenv(key, value)
-    clean_out, _ = clean
+def test_killed_actor_mid_chunk_redoes_the_chunk(s3_job, checkpoint) -> None:  # noqa: F811
+    bucket, uris, clean_out = s3_job
     out = f"{bucket}/actor-killed"
     before = set(segment_actors())
     thread, result = run_in_thread(job(uris, out, checkpoint, chunk_frames=CHUNK, min_actors=2, max_actors=2,
