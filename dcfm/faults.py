@@ -156,8 +156,8 @@ def classify(err: BaseException, side: Side = Side.INPUT) -> Fault:
     """What ``err``, raised while reading an input or writing the output (``side``), says about the job.
 
     Any transient error in the chain makes the whole failure transient. Otherwise a failure on the output
-    side is the output's (an OSError of any kind: full, read-only, denied, missing bucket), and on the input
-    side the input's.
+    side is the output's (full, read-only, denied, missing bucket: whatever it is, never the input's), and on
+    the input side the input's.
     """
     chain = list(_chain(err))
     if any(_is_transient(e) for e in chain):
@@ -182,7 +182,9 @@ def on_output(uri: str) -> Iterator[None]:
     except OutputError:
         raise
     except OSError as err:
-        raise OutputError(err.errno, f"{uri}: {type(err).__name__}: {err}") from err
+        from dcfm.storage import redact
+
+        raise OutputError(err.errno, f"{redact(uri)}: {type(err).__name__}: {err}") from err
 
 
 _WHAT = {
