@@ -35,3 +35,8 @@ class ConfigError(ValueError):
 
     def for_command_line(self) -> str:
         return f"{self.option} {self.problem}"
+
+
+class JobFailure(RuntimeError):
+    """The job stopped for a reason outside its inputs (storage or network unavailable, the output not
+    writable, the cluster losing workers); exit 3, one line, and rerunning the same command resumes."""

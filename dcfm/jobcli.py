@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any, TypeVar
 
-from dcfm.errors import ConfigError, ExitCode, InputError, SettingsConflict
+from dcfm.errors import ConfigError, ExitCode, InputError, JobFailure, SettingsConflict
 
 ConfigT = TypeVar("ConfigT")
 
@@ -125,7 +125,7 @@ def run_job(
     some-inputs-failed apart), else OK.
 
     Settings argparse can't check one by one (ValueError from the config) and SettingsConflict are
-    usage errors; known failures (checkpoint, data, storage) print one line; anything else prints its
+    usage errors; known failures (checkpoint, data, storage, ``JobFailure``) print one line; anything else prints its
     traceback, since it is a bug or a cluster failure someone has to read.
     """
     from dcfm.checkpoint import CheckpointError  # keeps `dcfm --help` free of torch
@@ -147,6 +147,9 @@ def run_job(
     except (SettingsConflict, InputError) as err:
         print(f"dcfm {name}: error: {redact(str(err))}", file=sys.stderr)
         return ExitCode.USAGE
+    except JobFailure as err:  # storage, output or cluster: the message names it and the fix
+        print(f"dcfm {name}: job failed: {redact(str(err))}", file=sys.stderr)
+        return ExitCode.JOB_FAILED
     except (CheckpointError, ValueError, FileNotFoundError, PermissionError) as err:
         print(f"dcfm {name}: job failed: {redact(str(err))}", file=sys.stderr)
         return ExitCode.JOB_FAILED

@@ -7,7 +7,8 @@ import argparse
 import pytest
 
 from dcfm.checkpoint import CheckpointError
-from dcfm.errors import ConfigError, ExitCode, SettingsConflict
+from dcfm.errors import ConfigError, ExitCode, JobFailure, SettingsConflict
+from dcfm.faults import Fault, TransientFailure
 from dcfm.jobcli import non_negative_int, parse_size, positive_int, run_job
 from dcfm.train.config import RunMismatchError
 
@@ -62,7 +63,9 @@ def test_a_conflict_with_the_recorded_run_is_a_usage_error(err, capsys) -> None:
 
 
 @pytest.mark.parametrize("err", [CheckpointError("s3://b/ckpt: no dcfm.json"), FileNotFoundError("data/x"),
-                                 PermissionError("out/"), ValueError("split 'val' not in manifest")])
+                                 PermissionError("out/"), ValueError("split 'val' not in manifest"),
+                                 JobFailure("the output s3://b/out is not writable (...)"),
+                                 TransientFailure("probing s3://b/v.mp4", Fault.TRANSIENT, 6, 62.0, "ReadTimeoutError")])
 def test_known_failures_print_one_line(err, capsys) -> None:
     assert run_job("evaluate", ARGS, lambda a: a, fails_with(err)) == ExitCode.JOB_FAILED
     err_text = capsys.readouterr().err

@@ -25,6 +25,7 @@ from dcfm import storage
 from dcfm.checkpoint import load_checkpoint
 from dcfm.decode import VideoError, decode_range
 from dcfm.devices import pick_device
+from dcfm.faults import RetryPolicy, Side, TransientFailure, on_output
 from dcfm.inference import ClipSegmenter, FrameResult, InferenceConfig, KeyframePolicy, ReuseMode
 from dcfm.metrics import label_change_rate
 from dcfm.schemas import output_schema
@@ -54,6 +55,7 @@ class ActorSettings:
     # A staged chunk is reused by a later run only if that run has the same run id; False (--overwrite)
     # recomputes it anyway.
     reuse_staged: bool = True
+    retry: RetryPolicy = field(default_factory=RetryPolicy)  # transient storage failures, per chunk
 
 
 @dataclass
@@ -169,7 +171,10 @@ class ChunkSegmenter:
         self.settings = settings
         torch.set_num_threads(max(1, settings.threads))
         self.device = pick_device(settings.device)
-        loaded = load_checkpoint(settings.checkpoint, self.device)
+        # A storage blip while loading is retried; one that outlasts the retries fails the actor's start,
+        # which reaches the driver as a transient failure (exit 3).
+        loaded = settings.retry.call(lambda: load_checkpoint(settings.checkpoint, self.device), Side.OUTPUT,
+                                     f"loading the checkpoint {storage.redact(settings.checkpoint)}", log=print)
         if loaded.digest != settings.model_digest:
             raise RuntimeError(
                 f"{settings.checkpoint} changed while the job was running (weights digest {loaded.digest[:12]}, "
@@ -198,29 +203,41 @@ class ChunkSegmenter:
             return replace(base, status="failed", error=asdict(task.error))
         if task.chunk_index < 0:
             return replace(base, status="empty")
-        if task.staged and self.settings.reuse_staged:
-            reused = self._staged_summary(task)
-            if reused is not None:
-                return reused
         try:
-            summary = self._segment(task, base)
+            # Storage and network failures are retried with backoff (a fresh copy of the summary each time);
+            # a failure of the input itself is not, and one that outlasts the retries stops the job instead
+            # of failing the video.
+            summary = self.settings.retry.call(lambda: self._attempt(task, replace(base)), Side.INPUT,
+                                               f"{storage.redact(task.uri)} chunk {task.chunk_index}", log=print)
+        except TransientFailure as err:
+            summary = replace(base, status="failed", error=asdict(TaskError.stopped("segment", err)))
         except VideoError as err:
             summary = replace(base, status="failed", error=asdict(TaskError(err.stage, type(err).__name__, str(err))))
         except Exception as err:  # one bad chunk must not take the batch down; the driver records it
             message = f"{task.uri} chunk {task.chunk_index}: {type(err).__name__}: {err}"
             error = TaskError("segment", type(err).__name__, message, detail=traceback.format_exc(limit=8))
             summary = replace(base, status="failed", error=asdict(error))
-        summary.seconds = time.perf_counter() - begin
+        if not summary.reused:
+            summary.seconds = time.perf_counter() - begin
         # ru_maxrss is the actor process's peak so far (KiB on Linux): memory stays bounded when it does not
         # grow with video length.
         summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        if summary.status == "ok":
-            # Written after the chunk's Parquet file: its presence says the chunk is staged in full, so a
-            # rerun after a killed driver reuses it instead of recomputing it.
-            storage.write_bytes_atomic(
-                self.layout.staging_summary(self.settings.run_id, task.video_id, task.chunk_index),
-                summary.to_json().encode(),
-            )
+        return summary
+
+    def _attempt(self, task: ChunkTask, base: ChunkSummary) -> ChunkSummary:
+        """One try at a chunk: reuse what an interrupted run staged, or segment it and stage it."""
+        if task.staged and self.settings.reuse_staged:
+            reused = self._staged_summary(task)
+            if reused is not None:
+                return reused
+        begin = time.perf_counter()
+        summary = self._segment(task, base)
+        summary.seconds = time.perf_counter() - begin
+        # Written after the chunk's Parquet file: its presence says the chunk is staged in full, so a
+        # rerun after a killed driver reuses it instead of recomputing it.
+        uri = self.layout.staging_summary(self.settings.run_id, task.video_id, task.chunk_index)
+        with on_output(uri):
+            storage.write_bytes_atomic(uri, summary.to_json().encode())
         return summary
 
     def _segment(self, task: ChunkTask, summary: ChunkSummary) -> ChunkSummary:
@@ -277,10 +294,9 @@ class ChunkSegmenter:
         if summary.frames != expected:
             raise VideoError(task.uri, "decode", f"{task.uri}: decoded {summary.frames} of the {expected} frames "
                              f"of chunk {task.chunk_index} ({task.start}-{task.stop}); the file may be truncated")
-        storage.write_bytes_atomic(
-            self.layout.staging_file(s.run_id, task.video_id, task.chunk_index),
-            parquet_bytes(table_for("frames", rows)),
-        )
+        staged = self.layout.staging_file(s.run_id, task.video_id, task.chunk_index)
+        with on_output(staged):  # a full or read-only output is the output's failure, not the video's
+            storage.write_bytes_atomic(staged, parquet_bytes(table_for("frames", rows)))
         summary.write_s = time.perf_counter() - write_start
         return summary
 

@@ -13,7 +13,14 @@ exit status:
   1  the job finished but some inputs failed; their rows are in OUTPUT/errors/ and OUTPUT/videos/
   2  bad command line, a refused input (a protocol not allowed, a folder without videos), or settings that
      differ from the run already committed in OUTPUT
-  3  the job itself failed (cluster, checkpoint, output not writable); rerun the same command to resume
+  3  the job itself failed and committed nothing of the videos it was working on: the output is not
+     writable or the checkpoint not readable (checked before any model work), or storage, the network or
+     the cluster stayed unavailable through every retry (see --retries); rerun the same command to resume
+
+Failures are told apart: a bad input (cannot be opened, not a video, corrupt) is committed as failed
+(exit 1); connection errors, timeouts, throttling (S3 SlowDown, HTTP 429), server errors (5xx), a full,
+read-only or forbidden output, and killed actors are retried with exponential backoff (2 s doubling up to
+30 s between attempts) and never become a failed row.
 
 Rerunning a command resumes: committed videos are skipped and nothing is rewritten; of a video that was
 interrupted, the chunks already staged are reused and only the missing ones computed. S3 credentials and
@@ -46,6 +53,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from dcfm.faults import RetryPolicy
     from dcfm.segment.config import SegmentJobConfig
 
     default = defaults_of(SegmentJobConfig)
@@ -88,10 +96,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-failed", action="store_true", help="redo videos committed as failed")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (videos, chunks, frames, actors and their resources) and stop")
+    p.add_argument("--retries", type=positive_int, default=RetryPolicy().attempts, metavar="N",
+                   help="attempts at each storage operation, probe and chunk before a transient failure stops "
+                        "the job with exit 3 (default %(default)s: rides out about a minute's outage)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
 
 def config_from_args(args: argparse.Namespace):
+    from dcfm.faults import RetryPolicy
     from dcfm.segment.config import SegmentJobConfig
 
     # Options named after their config fields carry over by name.
@@ -104,6 +116,7 @@ def config_from_args(args: argparse.Namespace):
         min_actors=args.actors[0] if args.actors else None,
         max_actors=args.actors[1] if args.actors else None,
         ray_address=args.address,
+        retry=RetryPolicy(attempts=args.retries),
         **{name: getattr(args, name) for name in same_name},
     )
 

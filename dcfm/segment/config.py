@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 from dcfm.errors import ConfigError, InputError
+from dcfm.faults import RetryPolicy
 from dcfm.inference import KeyframePolicy, ReuseMode
 from dcfm.sources import VIDEO_EXTENSIONS, normalise_extensions
 
@@ -50,6 +51,10 @@ class SegmentJobConfig:
     # Videos probed at once. Probing reads every packet header (the whole file, from object storage), so a
     # few parallel probes keep many GPUs fed; each is a Ray worker process, so it is bounded.
     probe_concurrency: int = 4
+    # Transient failures (storage or network unavailable, throttling, server errors, a full or read-only
+    # output) are retried with this backoff; when it runs out the job stops with exit 3 and commits nothing
+    # of the video at hand. Killed actors are Ray's to restart (their chunk is redone).
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
         self.mode = ReuseMode(self.mode)

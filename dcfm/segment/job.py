@@ -6,7 +6,7 @@ import datetime as dt
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -14,7 +14,8 @@ from importlib import metadata
 from dcfm import storage
 from dcfm.checkpoint import read_card
 from dcfm.decode import probe_video
-from dcfm.errors import ExitCode, SettingsConflict
+from dcfm.errors import ExitCode, JobFailure, SettingsConflict
+from dcfm.faults import Fault, Side, TransientFailure, classify, preflight
 from dcfm.progress import ProgressBar
 from dcfm.segment.actor import ActorSettings, ChunkSegmenter, ChunkSummary
 from dcfm.segment.config import ActorResources, SegmentJobConfig, resolve_resources
@@ -145,7 +146,10 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
     card.check_nonkey_scale(config.nonkey_scale, config.checkpoint)
     run_id = config.run_id(digest, resolution)
     layout = OutputLayout(config.output)
-    committed = layout.committed()
+    retry = config.retry
+    # Only network failures are worth waiting for here: an output this job may not list fails at once.
+    committed = retry.call(layout.committed, Side.OUTPUT, f"listing {redact(config.output)}",
+                           retry_on=frozenset({Fault.TRANSIENT}), log=log)
     summary = JobSummary(run_id=run_id, videos=len(items), skipped_files=inputs.skipped,
                          skipped_file_examples=inputs.skipped_examples)
     foreign = sorted({m["run_id"] for m in committed.values() if m["run_id"] != run_id})
@@ -176,22 +180,26 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
         log("[segment] nothing to do: every input is committed (use --overwrite to redo, --retry-failed for failures)")
         return summary
 
+    # Before any model work: an output that takes no writes or an unreadable checkpoint stops the job here,
+    # with nothing written, rather than failing every video.
+    preflight(config.output, config.checkpoint, retry, log=log)
     resources = _resources(config, connect=True)
     summary.resources = resources
     log(f"[segment] running {resources.describe()}")
-    layout.clear_videos([item.video_id for item in todo], run_id, set(committed), keep_staged=not config.overwrite)
+    retry.call(lambda: layout.clear_videos([item.video_id for item in todo], run_id, set(committed),
+                                           keep_staged=not config.overwrite),
+               Side.OUTPUT, f"clearing unfinished videos in {redact(config.output)}", log=log)
     settings = ActorSettings(
         checkpoint=config.checkpoint, model_digest=digest, output=config.output, run_id=run_id,
         keyframes=config.keyframes, mode=config.mode, resolution=resolution,
         mask_resolution=config.mask_resolution, batch_size=config.batch_size, device=config.device,
-        threads=resources.threads, reuse_staged=not config.overwrite,
+        threads=resources.threads, reuse_staged=not config.overwrite, retry=retry,
     )
     states = {item.video_id: VideoState(item) for item in todo}
     progress = _Progress(log, config.progress_interval_s, len(todo))
     first_start = last_end = None
     staging = layout.staging_root(run_id)
-    for row in _pipeline(todo, config, settings, resources, staging).iter_rows():
-        chunk = ChunkSummary(**json.loads(row["summary"]))
+    for chunk in _chunk_summaries(_pipeline(todo, config, settings, resources, staging)):
         state = states[chunk.video_id]
         if not state.summaries and chunk.probe:
             summary.planned_frames += chunk.probe["frame_count"]
@@ -216,7 +224,8 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
         report_chunk(chunk, log)
         if state.complete():
             video, errors, publish = video_row(state, run_id, digest)
-            layout.commit_video(chunk.video_id, run_id, publish, video, errors)
+            retry.call(lambda: layout.commit_video(chunk.video_id, run_id, publish, video, errors), Side.OUTPUT,
+                       f"committing {chunk.video_id} to {redact(config.output)}", log=log)
             setattr(summary, video["status"], getattr(summary, video["status"]) + 1)
             summary.rows.append(video)
             del states[chunk.video_id]
@@ -226,7 +235,8 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
     summary.work_s = (last_end - first_start) if first_start is not None else 0.0
     if states:  # cannot happen unless Ray dropped rows; refuse to pretend the job finished
         raise RuntimeError(f"the pipeline ended with {len(states)} videos incomplete: {sorted(states)[:5]}")
-    _write_manifest(layout, config, summary, digest, resolution, started)
+    retry.call(lambda: _write_manifest(layout, config, summary, digest, resolution, started), Side.OUTPUT,
+               f"writing the run manifest to {redact(config.output)}", log=log)
     _print_summary(summary, log)
     return summary
 
@@ -243,6 +253,35 @@ def report_chunk(chunk: ChunkSummary, log: Callable[[str], None]) -> None:
                 f"detail column):\n{chunk.error['detail']}")
     elif chunk.chunk_index <= 0 and chunk.probe and chunk.probe.get("warning"):
         log(f"[segment] WARNING {chunk.uri}: {chunk.probe['warning']}")
+def _chunk_summaries(dataset) -> Iterator[ChunkSummary]:
+    """The chunk summaries as the pipeline yields them, or ``JobFailure`` (exit 3) for a chunk or probe whose
+    storage, network or output failure outlasted its retries: the video it belongs to is then not committed
+    (videos already committed stay; a rerun does the rest). Ray redoes a chunk whose actor died (restarting
+    the actor); a cluster failure Ray gives up on stops the job too."""
+    rows = iter(dataset.iter_rows())
+    try:
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except JobFailure:
+                raise
+            except Exception as err:
+                if classify(err) is Fault.INPUT:
+                    raise  # not storage or the cluster: a bug, shown with its traceback
+                raise TransientFailure("the segment pipeline", classify(err), 1, 0.0,
+                                       f"{type(err).__name__}: {err}") from err
+            chunk = ChunkSummary(**json.loads(row["summary"]))
+            if chunk.status == "failed" and Fault(chunk.error["fault"]).stops_job:
+                raise JobFailure(chunk.error["message"])
+            yield chunk
+    finally:
+        # A job that stops early shuts the pipeline down now (its actors free their CPUs), not whenever the
+        # iterator is collected.
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
 
 
 def _resources(config: SegmentJobConfig, connect: bool) -> ActorResources:
@@ -286,7 +325,7 @@ def _pipeline(todo: list[InputItem], config: SegmentJobConfig, settings: ActorSe
         # cluster, which would otherwise leave the planner unschedulable and the pipeline stalled. Without
         # a CPU to bound them, Ray would start a worker process per video at once: cap them.
         .flat_map(plan_video, fn_kwargs={"chunk_frames": config.aligned_chunk_frames, "lead_in": lead_in,
-                                         "staging": staging,
+                                         "staging": staging, "retry": config.retry,
                                          "align_to_seek_points": config.keyframes.codec},
                   num_cpus=0, compute=TaskPoolStrategy(size=min(config.probe_concurrency, len(items))))
         .map_batches(
@@ -296,6 +335,9 @@ def _pipeline(todo: list[InputItem], config: SegmentJobConfig, settings: ActorSe
             # ones, a video's short last chunk) do not queue behind each other on one actor.
             compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors,
                                       max_tasks_in_flight_per_actor=1),
+            # A killed actor (OOM, a lost node, a SIGKILL) is restarted and its chunk redone on it: Ray Data's
+            # defaults for actor pools (max_restarts=-1, max_task_retries=-1; passing them is deprecated), which
+            # tests/test_segment_faults.py holds it to.
             batch_size=1,
             num_cpus=resources.cpus_per_actor,
             num_gpus=resources.gpus_per_actor,

@@ -125,12 +125,18 @@ class OutputLayout:
         video_row: dict[str, Any],
         error_rows: list[dict[str, Any]],
     ) -> None:
-        """Publish a finished video: frames (if it succeeded), its videos/errors rows, then the marker."""
+        """Publish a finished video: frames (if it succeeded), its videos/errors rows, then the marker.
+        Safe to call again after a failure midway (the job retries it on transient storage failures)."""
         for chunk in staged_chunks:
             fs, src = storage.filesystem(self.staging_file(run_id, video_id, chunk))
             _, dst = storage.filesystem(self.frames_file(video_id, chunk))
             fs.makedirs(posixpath.dirname(dst), exist_ok=True)
-            fs.mv(src, dst)
+            try:
+                fs.mv(src, dst)
+            except FileNotFoundError:
+                if not fs.exists(dst):
+                    raise
+                # moved by an earlier attempt of this commit that a storage failure interrupted: retried
         storage.write_bytes_atomic(
             storage.join(self.videos_dir(video_id), "part-0.parquet"),
             parquet_bytes(table_for("videos", {k: [v] for k, v in video_row.items()})),

@@ -29,6 +29,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from dcfm.decode import VideoError, VideoProbe, probe_video, seek_start
+from dcfm.faults import Fault, RetryPolicy, Side, TransientFailure
 from dcfm.storage import redact
 
 if TYPE_CHECKING:  # planning runs in Ray tasks that must start fast: no torch here
@@ -57,12 +58,20 @@ class TaskError:
     message: str
     # The traceback of an unexpected exception (a bug, not bad input), so it can be reported; None otherwise.
     detail: str | None = None
+    # INPUT: the video is committed as failed. Anything else stops the job (exit 3) and commits nothing of it.
+    fault: Fault = Fault.INPUT
 
     def __post_init__(self) -> None:
         # Messages and tracebacks quote URIs: they leave the actor redacted, so no log, row or staged summary
         # ever holds a signature or password.
         self.message = redact(self.message)
         self.detail = redact(self.detail) if self.detail is not None else None
+        self.fault = Fault(self.fault)  # from JSON it arrives as its value
+
+    @classmethod
+    def stopped(cls, stage: str, err: TransientFailure) -> TaskError:
+        """The error of a chunk or probe whose transient failure outlasted its retries."""
+        return cls(stage, type(err).__name__, str(err), fault=err.fault)
 
 
 @dataclass
@@ -241,16 +250,24 @@ def staged_chunks(staging_dir: str | None) -> frozenset[int]:
 
 
 def plan_video(row: dict, chunk_frames: int, lead_in: int, staging: str | None = None,
-               align_to_seek_points: bool = False) -> list[dict]:
+               align_to_seek_points: bool = False, retry: RetryPolicy | None = None) -> list[dict]:
     """Ray Data flat_map: probe one input and emit its chunk tasks (or one failed pass-through task).
 
-    ``staging``: the run's staging root; chunks already staged there are marked for reuse.
+    ``staging``: the run's staging root; chunks already staged there are marked for reuse. ``retry``: how
+    transient storage failures are retried; one that outlasts it becomes a pass-through task whose error
+    stops the job instead of failing the video.
     """
+    from dcfm.storage import redact
+
     video_id, uri = str(row["video_id"]), str(row["uri"])
+    retry = retry or RetryPolicy()
     try:
-        probe = probe_video(uri)
-        staged = staged_chunks(f"{staging.rstrip('/')}/{video_id}" if staging else None)
+        probe = retry.call(lambda: probe_video(uri), Side.INPUT, f"probing {redact(uri)}", log=print)
+        staging_dir = f"{staging.rstrip('/')}/{video_id}" if staging else None
+        staged = retry.call(lambda: staged_chunks(staging_dir), Side.OUTPUT, f"listing {redact(str(staging_dir))}", log=print)
         tasks = plan_tasks(video_id, uri, probe, chunk_frames, lead_in, staged, align_to_seek_points)
+    except TransientFailure as err:
+        tasks = [ChunkTask(video_id, uri, -1, 1, error=TaskError.stopped("probe", err))]
     except VideoError as err:
         tasks = [ChunkTask(video_id, uri, -1, 1, error=TaskError(err.stage, type(err).__name__, str(err)))]
     except Exception as err:  # an unexpected probe failure is still this input's failure alone
