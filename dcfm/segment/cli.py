@@ -11,12 +11,21 @@ EPILOG = """\
 exit status:
   0  every input was segmented (or was already committed) with status ok or empty
   1  the job finished but some inputs failed; their rows are in OUTPUT/errors/ and OUTPUT/videos/
-  2  bad command line, or settings that differ from the run already committed in OUTPUT
+  2  bad command line, settings that differ from the run already committed in OUTPUT, or another
+     run is writing to OUTPUT (its lease names it; see --wait-for-lease)
   3  the job itself failed (cluster, checkpoint, output not writable); rerun the same command to resume
 
 Rerunning a command resumes: committed videos are skipped and nothing is rewritten; of a video that was
-interrupted, the chunks already staged are reused and only the missing ones computed. S3 credentials and
-endpoint come from the standard AWS chain (AWS_* environment variables, profiles, instance roles).
+interrupted, the chunks already staged are reused and only the missing ones computed. A commit marker
+counts only while the files it lists exist; a video missing any is redone.
+
+One run writes to an output at a time: it holds OUTPUT/_lease.json (run id, host, pid, expiry) and
+renews it while it runs. A second run on the same OUTPUT exits with status 2 naming the holder, or waits
+with --wait-for-lease. The lease of a run that was killed is taken over at once on the same machine, and
+after it expires (--lease-ttl) from any other.
+
+S3 credentials and endpoint come from the standard AWS chain (AWS_* environment variables, profiles,
+instance roles).
 """
 
 
@@ -33,6 +42,7 @@ def _actors(text: str) -> tuple[int, int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from dcfm.segment.config import SegmentJobConfig
+    from dcfm.segment.lease import LeaseSettings
 
     default = defaults_of(SegmentJobConfig)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -66,11 +76,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-failed", action="store_true", help="redo videos committed as failed")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (videos, chunks, frames, actors and their resources) and stop")
+    p.add_argument("--wait-for-lease", type=float, nargs="?", const=None, default=0.0, metavar="SECONDS",
+                   help="when another run is writing to OUTPUT, wait for it to finish (up to SECONDS if given) "
+                        "instead of exiting with status 2")
+    p.add_argument("--lease-ttl", type=float, default=LeaseSettings.ttl_s, metavar="SECONDS",
+                   help="the output's lease expires this long after its holder's last heartbeat; a run killed on "
+                        "another machine blocks OUTPUT that long (default %(default)s)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
 
 def config_from_args(args: argparse.Namespace):
     from dcfm.segment.config import SegmentJobConfig
+    from dcfm.segment.lease import LeaseSettings
 
     # Options named after their config fields carry over by name.
     same_name = ("output", "checkpoint", "mode", "nonkey_scale", "chunk_frames", "resolution", "mask_resolution",
@@ -82,6 +99,7 @@ def config_from_args(args: argparse.Namespace):
         min_actors=args.actors[0] if args.actors else None,
         max_actors=args.actors[1] if args.actors else None,
         ray_address=args.address,
+        lease=LeaseSettings(ttl_s=args.lease_ttl, wait_s=args.wait_for_lease),
         **{name: getattr(args, name) for name in same_name},
     )
 

@@ -9,6 +9,7 @@ from enum import Enum
 
 from dcfm.errors import ConfigError
 from dcfm.inference import KeyframePolicy, ReuseMode
+from dcfm.segment.lease import LeaseSettings
 
 
 class MaskResolution(str, Enum):
@@ -44,6 +45,9 @@ class SegmentJobConfig:
     # Videos probed at once. Probing reads every packet header (the whole file, from object storage), so a
     # few parallel probes keep many GPUs fed; each is a Ray worker process, so it is bounded.
     probe_concurrency: int = 4
+    # One run writes to an output at a time (dcfm.segment.lease): how long its lease lasts without a
+    # heartbeat, and how long this run waits for another one's.
+    lease: LeaseSettings = field(default_factory=LeaseSettings)
 
     def __post_init__(self) -> None:
         self.mode = ReuseMode(self.mode)
