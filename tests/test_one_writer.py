@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dcfm.segment.job import run_segment_job
+from dcfm.sources import expand_inputs
 from dcfm.synth import SynthConfig, generate_corpus
 from tests.test_segment_job import checkpoint, frame_rows, job, readme_block  # noqa: F401  (checkpoint: fixture)
 from tests.videos import write_test_video
@@ -53,6 +54,10 @@ def clean(ray_local, videos, checkpoint, tmp_path_factory) -> Path:  # noqa: F81
     summary = run_segment_job(job(videos, out, checkpoint, chunk_frames=4))
     assert summary.ok == len(videos)
     return out
+
+
+def video_ids(videos) -> list[str]:
+    return [item.video_id for item in expand_inputs([str(v) for v in videos])]
 
 
 def segment_command(videos, out: Path, checkpoint: str, chunk_frames: int) -> list[str]:  # noqa: F811
@@ -94,7 +99,7 @@ def readme_queries(out: Path) -> tuple[set[str], set[str], int]:
 
 def test_driver_killed_between_frame_moves_and_marker(clean, videos, checkpoint, tmp_path) -> None:  # noqa: F811
     out = tmp_path / "killed"
-    target = videos[-1].stem  # the gop2 video
+    target = video_ids(videos[-1:])[0]  # the gop2 video
     command = [sys.executable, "-c", KILL_AT_MARKER, target, *segment_command(videos, out, checkpoint, 4)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == -9, result.stderr[-3000:]
@@ -135,10 +140,10 @@ def test_two_runs_started_together_on_one_output(clean, videos, checkpoint, tmp_
     (winner,) = [r for r in results if r[3] == 0]
     (loser,) = [r for r in results if r[3] == 2]
     # The loser was told who writes to the output and until when, and wrote nothing.
-    assert f"is being written by run " in loser[2] and f"(pid {winner[0]} on " in loser[2] and "expires" in loser[2]
+    assert "is being written by run " in loser[2] and f"(pid {winner[0]} on " in loser[2] and "expires" in loser[2]
     assert "--wait-for-lease" in loser[2]
     markers = assert_consistent(out)
-    assert set(markers) == {v.stem for v in videos}
+    assert set(markers) == set(video_ids(videos))
     assert frame_rows(str(out)) == frame_rows(str(clean))
     # A plain rerun with the loser's settings skips everything and leaves the output as it was.
     summary = run_segment_job(job(videos, out, checkpoint, chunk_frames=chunks[1]))
@@ -149,7 +154,7 @@ def test_two_runs_started_together_on_one_output(clean, videos, checkpoint, tmp_
 def test_marker_whose_file_was_deleted_is_redone(clean, videos, checkpoint, tmp_path) -> None:  # noqa: F811
     out = tmp_path / "damaged"
     shutil.copytree(clean, out)
-    victim = videos[0].stem
+    victim = video_ids(videos[:1])[0]
     marker = json.loads((out / "_commits" / f"{victim}.json").read_text())
     assert len(marker["frame_files"]) > 1
     (out / "frames" / f"video_id={victim}" / marker["frame_files"][1]).unlink()

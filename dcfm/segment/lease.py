@@ -9,7 +9,7 @@ can never both believe they hold it:
   concurrent creators or takers of one key, 30 rounds, always exactly one winner) answer 412 to the loser.
 * local paths: a complete file is published with ``link(2)``, which fails with EEXIST like ``O_EXCL``
   (``O_EXCL`` alone would let a reader see the file before its content), and every read-compare-write runs
-  under ``flock(2)`` on ``_lease.json.lock``, so renewal, takeover and release are atomic too.
+  under ``flock(2)`` on the output directory, so renewal, takeover and release are atomic too.
 
 A lease whose holder stopped heartbeating is taken over once it has expired. A holder on this machine (same
 boot and pid namespace) whose process is gone is taken over at once, so rerunning after a crash or a kill
@@ -34,7 +34,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -121,17 +122,21 @@ class _Store(Protocol):
 
 
 class _LocalStore:
-    """A lease file; versions are its bytes, compared under ``flock`` on a sidecar lock file."""
+    """A lease file; versions are its bytes, compared under ``flock`` on the output directory (no lock file
+    to leave behind)."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
-        self.lock_path = self.path.with_name(self.path.name + ".lock")
 
-    def _locked(self):
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.lock_path, "a")
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        return handle  # closing it releases the lock
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def read(self) -> tuple[bytes, object] | None:
         try:
