@@ -36,7 +36,7 @@ KILL_AT_MARKER = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         write(uri, data)
     storage.write_bytes_atomic = write_or_die
-    from dcfm.segment.cli import main
+    from dcfm.cli import main
     sys.exit(main(argv))
 """)
 
