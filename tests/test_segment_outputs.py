@@ -40,3 +40,25 @@ def test_clear_videos_removes_only_those_videos_and_keeps_staged_chunks_when_ask
     assert Path(layout.staging_summary("run", "a", 3)).exists() and Path(layout.staging_summary("run", "d", 3)).exists()
     layout.clear_videos(["a"], "run", committed=set(), keep_staged=False)
     assert not Path(layout.staging_dir("run", "a")).exists() and Path(layout.staging_dir("run", "d")).exists()
+
+
+def test_missing_files_names_what_a_marker_lists_but_is_gone(tmp_path: Path) -> None:
+    layout = OutputLayout(str(tmp_path))
+    for i in range(20):
+        commit(layout, f"v{i}", "run")
+    markers = layout.committed()
+    assert layout.missing_files(list(markers.values())) == {}
+    Path(layout.frames_file("v3", 0)).unlink()
+    Path(storage.join(layout.videos_dir("v5"), "part-0.parquet")).unlink()
+    (tmp_path / "frames" / "video_id=v9" / "part-00000.parquet").rename(tmp_path / "frames" / "video_id=v9" / "x")
+    missing = layout.missing_files(list(markers.values()))
+    assert missing == {"v3": [layout.frames_file("v3", 0)],
+                       "v5": [storage.join(layout.videos_dir("v5"), "part-0.parquet")],
+                       "v9": [layout.frames_file("v9", 0)]}
+
+
+def test_marker_is_one_json_line(tmp_path: Path) -> None:
+    layout = OutputLayout(str(tmp_path))
+    commit(layout, "v1", "run")
+    text = Path(layout.marker("v1")).read_text()
+    assert text.endswith("\n") and text.count("\n") == 1

@@ -11,11 +11,13 @@ EPILOG = """\
 exit status:
   0  every input was segmented (or was already committed) with status ok or empty
   1  the job finished but some inputs failed; their rows are in OUTPUT/errors/ and OUTPUT/videos/
-  2  bad command line, a refused input (a protocol not allowed, a folder without videos), or settings that
-     differ from the run already committed in OUTPUT
+  2  bad command line, a refused input (a protocol not allowed, a folder without videos), settings that
+     differ from the run already committed in OUTPUT, or another run is writing to OUTPUT (its lease names
+     it; see --wait-for-lease)
   3  the job itself failed and committed nothing of the videos it was working on: the output is not
-     writable or the checkpoint not readable (checked before any model work), or storage, the network or
-     the cluster stayed unavailable through every retry (see --retries); rerun the same command to resume
+     writable or the checkpoint not readable (checked before any model work), storage, the network or the
+     cluster stayed unavailable through every retry (see --retries), or this run lost its lease on OUTPUT;
+     rerun the same command to resume
 
 Failures are told apart: a bad input (cannot be opened, not a video, corrupt) is committed as failed
 (exit 1); connection errors, timeouts, throttling (S3 SlowDown, HTTP 429), server errors (5xx), a full,
@@ -23,8 +25,16 @@ read-only or forbidden output, and killed actors are retried with exponential ba
 30 s between attempts) and never become a failed row.
 
 Rerunning a command resumes: committed videos are skipped and nothing is rewritten; of a video that was
-interrupted, the chunks already staged are reused and only the missing ones computed. S3 credentials and
-endpoint come from the standard AWS chain (AWS_* environment variables, profiles, instance roles).
+interrupted, the chunks already staged are reused and only the missing ones computed. A commit marker
+counts only while the files it lists exist; a video missing any is redone.
+
+One run writes to an output at a time: it holds OUTPUT/_lease.json (run id, host, pid, expiry) and
+renews it while it runs. A second run on the same OUTPUT exits with status 2 naming the holder, or waits
+with --wait-for-lease. The lease of a run that was killed is taken over at once on the same machine, and
+after it expires (--lease-ttl) from any other.
+
+S3 credentials and endpoint come from the standard AWS chain (AWS_* environment variables, profiles,
+instance roles).
 
 Inputs may be local paths and s3:// URIs (a manifest too); other protocols only with --allow-protocols. Every
 URI and message the job logs or writes (rows, errors, run manifest) is redacted: no user:password@, no query
@@ -55,6 +65,7 @@ def _names(text: str) -> tuple[str, ...]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from dcfm.faults import RetryPolicy
     from dcfm.segment.config import SegmentJobConfig
+    from dcfm.segment.lease import LeaseSettings
 
     default = defaults_of(SegmentJobConfig)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -99,12 +110,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=positive_int, default=RetryPolicy().attempts, metavar="N",
                    help="attempts at each storage operation, probe and chunk before a transient failure stops "
                         "the job with exit 3 (default %(default)s: rides out about a minute's outage)")
+    p.add_argument("--wait-for-lease", type=float, nargs="?", const=None, default=0.0, metavar="SECONDS",
+                   help="when another run is writing to OUTPUT, wait for it to finish (up to SECONDS if given) "
+                        "instead of exiting with status 2")
+    p.add_argument("--lease-ttl", type=float, default=LeaseSettings.ttl_s, metavar="SECONDS",
+                   help="the output's lease expires this long after its holder's last heartbeat; a run killed on "
+                        "another machine blocks OUTPUT that long (default %(default)s)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
 
 def config_from_args(args: argparse.Namespace):
     from dcfm.faults import RetryPolicy
     from dcfm.segment.config import SegmentJobConfig
+    from dcfm.segment.lease import LeaseSettings
 
     # Options named after their config fields carry over by name.
     same_name = ("output", "checkpoint", "mode", "nonkey_scale", "chunk_frames", "resolution", "mask_resolution",
@@ -117,6 +135,7 @@ def config_from_args(args: argparse.Namespace):
         max_actors=args.actors[1] if args.actors else None,
         ray_address=args.address,
         retry=RetryPolicy(attempts=args.retries),
+        lease=LeaseSettings(ttl_s=args.lease_ttl, wait_s=args.wait_for_lease),
         **{name: getattr(args, name) for name in same_name},
     )
 

@@ -12,6 +12,7 @@ from dcfm.errors import ConfigError, InputError
 from dcfm.faults import RetryPolicy
 from dcfm.inference import KeyframePolicy, ReuseMode
 from dcfm.sources import VIDEO_EXTENSIONS, normalise_extensions
+from dcfm.segment.lease import LeaseSettings
 
 
 class MaskResolution(str, Enum):
@@ -55,6 +56,9 @@ class SegmentJobConfig:
     # output) are retried with this backoff; when it runs out the job stops with exit 3 and commits nothing
     # of the video at hand. Killed actors are Ray's to restart (their chunk is redone).
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # One run writes to an output at a time (dcfm.segment.lease): how long its lease lasts without a
+    # heartbeat, and how long this run waits for another one's.
+    lease: LeaseSettings = field(default_factory=LeaseSettings)
 
     def __post_init__(self) -> None:
         self.mode = ReuseMode(self.mode)

@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 
@@ -19,6 +20,7 @@ from dcfm.faults import Fault, Side, TransientFailure, classify, preflight
 from dcfm.progress import ProgressBar
 from dcfm.segment.actor import ActorSettings, ChunkSegmenter, ChunkSummary
 from dcfm.segment.config import ActorResources, SegmentJobConfig, resolve_resources
+from dcfm.segment.lease import OutputLease
 from dcfm.segment.outputs import OutputLayout
 from dcfm.segment.plan import lead_in_frames, plan_chunks, plan_tasks, plan_video
 from dcfm.sources import InputItem, scan_inputs
@@ -135,7 +137,15 @@ def _package_versions() -> dict[str, str]:
 
 
 def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print) -> JobSummary:
-    """Run (or resume) the job described by ``config``; returns what happened."""
+    """Run (or resume) the job described by ``config``; returns what happened.
+
+    Everything but a dry run holds the output's lease (one writer per output) from before it reads what is
+    committed until it stops, failures included."""
+    with ExitStack() as stack:
+        return _run_segment_job(config, log, stack)
+
+
+def _run_segment_job(config: SegmentJobConfig, log: Callable[[str], None], stack: ExitStack) -> JobSummary:
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
     log = storage.redacting(log)
@@ -146,6 +156,7 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
     card.check_nonkey_scale(config.nonkey_scale, config.checkpoint)
     run_id = config.run_id(digest, resolution)
     layout = OutputLayout(config.output)
+    lease = None if config.dry_run else stack.enter_context(OutputLease(config.output, run_id, config.lease, log))
     retry = config.retry
     # Only network failures are worth waiting for here: an output this job may not list fails at once.
     committed = retry.call(layout.committed, Side.OUTPUT, f"listing {redact(config.output)}",
@@ -158,10 +169,17 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
             f"{redact(config.output)} holds videos committed by run(s) {foreign} with another model or settings "
             f"(this command is run {run_id}); resuming would mix them. Use a new --output, or --overwrite."
         )
+    # A marker counts only while its files exist: a video whose files were lost is redone.
+    kept = [committed[i.video_id] for i in items if i.video_id in committed and not config.overwrite]
+    broken = layout.missing_files(kept)
+    for video_id, missing in sorted(broken.items()):
+        log(f"[segment] {video_id}: its commit marker lists {len(missing)} missing file(s) "
+            f"(e.g. {redact(missing[0])}); redoing it")
     todo: list[InputItem] = []
     for item in items:
         marker = committed.get(item.video_id)
-        if marker is None or config.overwrite or (config.retry_failed and marker["status"] == "failed"):
+        if (marker is None or config.overwrite or item.video_id in broken
+                or (config.retry_failed and marker["status"] == "failed")):
             todo.append(item)
         else:
             summary.skipped += 1
@@ -180,12 +198,14 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
         log("[segment] nothing to do: every input is committed (use --overwrite to redo, --retry-failed for failures)")
         return summary
 
+    assert lease is not None  # held by every run that gets this far
     # Before any model work: an output that takes no writes or an unreadable checkpoint stops the job here,
     # with nothing written, rather than failing every video.
     preflight(config.output, config.checkpoint, retry, log=log)
     resources = _resources(config, connect=True)
     summary.resources = resources
     log(f"[segment] running {resources.describe()}")
+    lease.check()
     retry.call(lambda: layout.clear_videos([item.video_id for item in todo], run_id, set(committed),
                                            keep_staged=not config.overwrite),
                Side.OUTPUT, f"clearing unfinished videos in {redact(config.output)}", log=log)
@@ -224,6 +244,7 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
         report_chunk(chunk, log)
         if state.complete():
             video, errors, publish = video_row(state, run_id, digest)
+            lease.check()  # a run that lost its lease commits nothing more
             retry.call(lambda: layout.commit_video(chunk.video_id, run_id, publish, video, errors), Side.OUTPUT,
                        f"committing {chunk.video_id} to {redact(config.output)}", log=log)
             setattr(summary, video["status"], getattr(summary, video["status"]) + 1)
@@ -235,6 +256,7 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
     summary.work_s = (last_end - first_start) if first_start is not None else 0.0
     if states:  # cannot happen unless Ray dropped rows; refuse to pretend the job finished
         raise RuntimeError(f"the pipeline ended with {len(states)} videos incomplete: {sorted(states)[:5]}")
+    lease.check()
     retry.call(lambda: _write_manifest(layout, config, summary, digest, resolution, started), Side.OUTPUT,
                f"writing the run manifest to {redact(config.output)}", log=log)
     _print_summary(summary, log)

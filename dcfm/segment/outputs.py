@@ -3,16 +3,19 @@
     OUT/frames/video_id=<id>/part-<chunk>.parquet   one row per frame
     OUT/videos/video_id=<id>/part-0.parquet         one row per input
     OUT/errors/video_id=<id>/part-0.parquet         one row per failure
-    OUT/_commits/<id>.json                          the commit marker, written last
+    OUT/_commits/<id>.json                          the commit marker, written last (one JSON line)
+    OUT/_lease.json                                 the running job's lease (dcfm.segment.lease)
     OUT/runs/<run_id>/<started>.json                one manifest per invocation that did work
     OUT/_staging/<run_id>/<id>/part-<chunk>.parquet chunks written by actors before their video commits
     OUT/_staging/<run_id>/<id>/part-<chunk>.json    the chunk's summary, written after its Parquet file
 
 Actors write chunks to staging. When every chunk of a video has reported, the driver moves them into
-``frames/``, writes the ``videos/`` (and ``errors/``) rows, then the marker. Resume and readers trust only
-videos with a marker; before a video is (re)processed, whatever an interrupted run left of it is removed,
-except the chunks that run staged in full (summary present): the same run id means the same rows, so a
-rerun reuses them and computes only the missing chunks.
+``frames/``, writes the ``videos/`` (and ``errors/``) rows, then the marker. Readers trust only videos with
+a marker (the README's queries join on ``_commits/``); resume trusts a marker only while the files it names
+(its ``frame_files`` and the ``videos/`` row) exist. Before a video is (re)processed, whatever an interrupted
+run left of it is removed, except the chunks that run staged in full (summary present): the same run id
+means the same rows, so a rerun reuses them and computes only the missing chunks. Only the holder of the
+output's lease writes or removes anything here, so no run removes another live run's files.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +100,44 @@ class OutputLayout:
             markers[marker["video_id"]] = marker
         return markers
 
+    def marker_files(self, marker: dict[str, Any]) -> list[str]:
+        """The files a commit marker vouches for: its frame files and the video's ``videos/`` row."""
+        video_id = marker["video_id"]
+        return [*(storage.join(self.frames_dir(video_id), name) for name in marker.get("frame_files", [])),
+                storage.join(self.videos_dir(video_id), "part-0.parquet")]
+
+    def missing_files(self, markers: list[dict[str, Any]], concurrency: int = 16) -> dict[str, list[str]]:
+        """video_id -> the files its marker lists that do not exist (videos with all their files left out).
+
+        One fresh listing per directory, run concurrently: two requests per video on an object store
+        however many chunks it has, instead of one per file.
+        """
+        wanted: dict[str, list[tuple[str, str]]] = defaultdict(list)  # directory -> (video_id, file name)
+        for marker in markers:
+            for uri in self.marker_files(marker):
+                directory, name = uri.rsplit("/", 1)
+                wanted[directory].append((marker["video_id"], name))
+        if not wanted:
+            return {}
+        fs, _ = storage.filesystem(self.root)
+
+        def names(directory: str) -> set[str]:
+            try:
+                listed = fs.ls(storage.filesystem(directory)[1], detail=False, refresh=True)
+            except FileNotFoundError:
+                return set()
+            return {p.rstrip("/").rsplit("/", 1)[-1] for p in listed}
+
+        directories = sorted(wanted)
+        with ThreadPoolExecutor(max_workers=min(concurrency, len(directories))) as pool:
+            present = dict(zip(directories, pool.map(names, directories)))
+        missing: dict[str, list[str]] = defaultdict(list)
+        for directory, files in wanted.items():
+            for video_id, name in files:
+                if name not in present[directory]:
+                    missing[video_id].append(f"{directory}/{name}")
+        return dict(missing)
+
     def clear_videos(self, video_ids: list[str], run_id: str, committed: set[str], keep_staged: bool) -> None:
         """Remove whatever earlier runs left of these videos before they are (re)processed.
 
@@ -155,7 +198,8 @@ class OutputLayout:
             "model_digest": video_row["model_digest"],
             "frame_files": [self.frames_file(video_id, c).rsplit("/", 1)[-1] for c in staged_chunks],
         }
-        storage.write_bytes_atomic(self.marker(video_id), json.dumps(marker, indent=2, sort_keys=True).encode())
+        # One line: the markers of an output read as newline-delimited JSON (the README's Polars query).
+        storage.write_bytes_atomic(self.marker(video_id), json.dumps(marker, sort_keys=True).encode() + b"\n")
         self.discard_staging(run_id, video_id)
 
     def discard_staging(self, run_id: str, video_id: str) -> None:  # noqa: D102

@@ -241,10 +241,11 @@ def staged_chunks(staging_dir: str | None) -> frozenset[int]:
         names = fs.ls(path, detail=False)
     except FileNotFoundError:
         return frozenset()
+    bases = {name.rsplit("/", 1)[-1] for name in names}
     found = set()
-    for name in names:
-        base = name.rsplit("/", 1)[-1]
-        if base.startswith("part-") and base.endswith(".json"):
+    for base in bases:
+        # Both files: a driver killed after moving a chunk's Parquet file into frames/ leaves its summary behind.
+        if base.startswith("part-") and base.endswith(".json") and base[:-len(".json")] + ".parquet" in bases:
             found.add(int(base[len("part-"):-len(".json")]))
     return frozenset(found)
 
