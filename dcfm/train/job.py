@@ -177,7 +177,7 @@ def _fit(config: TrainJobConfig):
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # already Ray 2.60's default; the V1 API differs
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from dcfm.progress import RemoteProgress
 
@@ -190,6 +190,10 @@ def _fit(config: TrainJobConfig):
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
+        # GPU workers: NCCL for CUDA tensors, gloo for CPU ones. The device is the worker's choice at run time
+        # (loop.py), so a GPU bundle on a node whose CUDA torch cannot use (the autoscaling rehearsal's
+        # simulated GPU nodes) still trains, on CPU.
+        torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if config.gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(
