@@ -126,6 +126,37 @@ def test_segment_cli_takes_fps_per_gpu() -> None:
         config_from_args(parser.parse_args(["v.mp4", "--output", "o", "--checkpoint", "c", "--fps-per-gpu", "0"]))
 
 
+def test_dry_run_prints_frames_gpu_hours_and_wall_time(tmp_path) -> None:
+    import torch
+
+    from dcfm.checkpoint import ModelCard, save_checkpoint
+    from dcfm.inference import KeyframePolicy
+    from dcfm.model import DCFM, DCFMConfig
+    from dcfm.segment.config import SegmentJobConfig
+    from dcfm.segment.job import run_segment_job
+    from dcfm.synth import SynthConfig, generate_corpus
+
+    generate_corpus(tmp_path / "corpus", SynthConfig(videos=2, frames=12, height=48, width=96, seed=2))
+    config = DCFMConfig("pvt_v2_b0", num_classes=4)
+    save_checkpoint(tmp_path / "model", DCFM(config).eval(),
+                    ModelCard(config, ["a", "b", "c", "d"], [(0, 0, 0)] * 4, (32, 64)))
+    lines: list[str] = []
+    job = SegmentJobConfig([str(tmp_path / "corpus" / "videos")], str(tmp_path / "out"), str(tmp_path / "model"),
+                           keyframes=KeyframePolicy(interval=2), chunk_frames=4, dry_run=True, fps_per_gpu=0.01,
+                           gpus_per_actor=1.0, min_actors=1, max_actors=2)
+    summary = run_segment_job(job, log=lines.append)
+    # 24 frames at 0.01 frames/s per GPU: 2400 GPU-seconds; 2 GPUs at the pool's max size: 1200 s.
+    assert summary.chunks == 0 and not (tmp_path / "out").exists()
+    assert lines[-1] == ("[segment] estimate: 24 frames at 0.01 frames/s per GPU = 0.67 GPU-hours; wall time at the "
+                         "pool's max size (2 actors x 1 GPUs = 2 GPUs busy): 20m 00s plus start-up"), lines[-3:]
+    import ray
+
+    assert not ray.is_initialized(), "a dry run starts no Ray"
+    with pytest.raises(ConfigError, match="--gpus-per-actor"):
+        run_segment_job(SegmentJobConfig(job.inputs, job.output, job.checkpoint, dry_run=True, fps_per_gpu=10.0,
+                                         gpus_per_actor=0.0), log=lines.append)
+
+
 # ------------------------------------------------------------------------------------------ preflight
 
 
