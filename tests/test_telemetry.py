@@ -234,6 +234,13 @@ def test_metrics_endpoint_has_the_runs_totals(ray_local, tmp_path) -> None:
     second = run_segment_job(job(videos + [tmp_path / "broken.mp4"]), log=lambda line: None)  # resumes: 1 new video
     done.set()
     watcher.join()
+    # The training loop's rank 0 reports too; here in this process (Ray is up), as on a Ray Train worker.
+    from dcfm.train.config import AugmentConfig, TrainJobConfig
+    from dcfm.train.loop import train_locally
+
+    trained = train_locally(TrainJobConfig(data=str(tmp_path / "corpus"), output=str(tmp_path / "train" / "tele-run"),
+                                           backbone="pvt_v2_b0", steps=3, batch_size=1, log_every=1,
+                                           checkpoint_every=3, augment=AugmentConfig(crop=(32, 64))), device="cpu")
     assert first.run_id == second.run_id and first.ok == 2 and first.failed == 1 and second.skipped == 3
 
     run = (("run_id", first.run_id),)
@@ -250,6 +257,9 @@ def test_metrics_endpoint_has_the_runs_totals(ray_local, tmp_path) -> None:
         ("ray_dcfm_segment_chunk_seconds_count", run): first.chunks + second.chunks - 1,
         ("ray_dcfm_segment_actors", run): 0,  # the pool is gone
         ("ray_dcfm_segment_frames_planned", run): second.frames,  # a gauge: the last run's videos
+        ("ray_dcfm_train_steps_total", (("run_id", "tele-run"),)): 3,
+        ("ray_dcfm_train_step", (("run_id", "tele-run"),)): 3,
+        ("ray_dcfm_train_loss", (("run_id", "tele-run"),)): pytest.approx(trained.state.history[-1]["loss"]),
     }
     deadline = time.monotonic() + 60  # Ray exports every few seconds (metrics_report_interval_ms)
     while True:
