@@ -177,7 +177,8 @@ def run_segment_job(config: SegmentJobConfig, log: Callable[[str], None] = print
 
     import ray
 
-    local_ray = not ray.is_initialized() and not (config.ray_address or os.environ.get("RAY_ADDRESS"))
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    local_ray = not ray.is_initialized() and address in (None, "", "local")  # a Ray this job starts cannot grow
     resources = _resources(config, connect=True)
     summary.resources = resources
     log(f"[segment] running {resources.describe()}")
