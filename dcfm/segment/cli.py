@@ -116,6 +116,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lease-ttl", type=float, default=LeaseSettings.ttl_s, metavar="SECONDS",
                    help="the output's lease expires this long after its holder's last heartbeat; a run killed on "
                         "another machine blocks OUTPUT that long (default %(default)s)")
+    p.add_argument("--fps-per-gpu", type=float, default=default("fps_per_gpu"), metavar="F",
+                   help="with --dry-run: frames/s one GPU sustains for this model and settings (the frames/s of "
+                        "benchmarks/bench_segment.py --gpus-per-actor 1); prints GPU-hours and the wall time at "
+                        "the pool's max size")
+    p.add_argument("--actor-start-timeout", type=float, default=default("actor_start_timeout_s"), metavar="S",
+                   dest="actor_start_timeout_s",
+                   help="when no node fits an actor yet and the autoscaler's node types are not known, fail if "
+                        "the first actors have not started after S seconds (default %(default)g)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
 
@@ -127,7 +135,7 @@ def config_from_args(args: argparse.Namespace):
     # Options named after their config fields carry over by name.
     same_name = ("output", "checkpoint", "mode", "nonkey_scale", "chunk_frames", "resolution", "mask_resolution",
                  "batch_size", "gpus_per_actor", "cpus_per_actor", "probe_concurrency", "device", "overwrite",
-                 "retry_failed", "dry_run", "extensions", "allow_protocols")
+                 "retry_failed", "dry_run", "extensions", "allow_protocols", "fps_per_gpu", "actor_start_timeout_s")
     return SegmentJobConfig(
         inputs=list(args.inputs),
         keyframes=keyframe_policy(args),

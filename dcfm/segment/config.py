@@ -47,8 +47,15 @@ class SegmentJobConfig:
     overwrite: bool = False
     retry_failed: bool = False
     dry_run: bool = False
+    # Frames/s one GPU sustains (benchmarks/bench_segment.py --gpus-per-actor 1): the dry run then prints
+    # GPU-hours and the wall time at the pool's max size (dcfm/segment/estimate.py).
+    fps_per_gpu: float | None = None
     ray_address: str | None = None
     progress_interval_s: float = 10.0
+    # When no node the cluster has fits an actor and the autoscaler's node types are not visible to Ray
+    # (segment/preflight.py), the pool's first actors get this long to start before the job fails.
+    # A GPU node starting from zero takes minutes (instance, image, setup).
+    actor_start_timeout_s: float = 900.0
     # Videos probed at once. Probing reads every packet header (the whole file, from object storage), so a
     # few parallel probes keep many GPUs fed; each is a Ray worker process, so it is bounded.
     probe_concurrency: int = 4
@@ -86,6 +93,8 @@ class SegmentJobConfig:
             raise ConfigError("cpus_per_actor", f"must be > 0, got {self.cpus_per_actor}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ConfigError("gpus_per_actor", f"must be >= 0, got {self.gpus_per_actor}")
+        if self.fps_per_gpu is not None and self.fps_per_gpu <= 0:
+            raise ConfigError("fps_per_gpu", f"must be > 0, got {self.fps_per_gpu}")
         if self.probe_concurrency < 1:
             raise ConfigError("probe_concurrency", f"must be >= 1, got {self.probe_concurrency}")
 

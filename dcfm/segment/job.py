@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +22,13 @@ from dcfm.progress import ProgressBar
 from dcfm.segment.actor import ActorSettings, ChunkSegmenter, ChunkSummary
 from dcfm.segment.config import ActorResources, SegmentJobConfig, resolve_resources
 from dcfm.segment.lease import OutputLease
+from dcfm.segment.estimate import CostEstimate, check_gpu_pool
+from dcfm.segment.preflight import ResourceMismatch, check_actor_fits, cluster_shapes
 from dcfm.segment.outputs import OutputLayout
 from dcfm.segment.plan import lead_in_frames, plan_chunks, plan_tasks, plan_video
 from dcfm.sources import InputItem, scan_inputs
 from dcfm.storage import redact
+from dcfm.telemetry import SegmentTelemetry
 
 # ChunkSummary's timing fields, summed over chunks: where the actors' time went.
 ACTOR_STAGES = ("seconds", "model_s", "decode_wait_s", "rows_s", "write_s")
@@ -192,7 +196,11 @@ def _run_segment_job(config: SegmentJobConfig, log: Callable[[str], None], stack
         resources = _resources(config, connect=False)
         summary.resources = resources
         log(f"[segment] would run {resources.describe()}")
-        _print_plan(todo, config, log)
+        if config.fps_per_gpu:
+            check_gpu_pool(resources)
+        frames, chunks, largest = _print_plan(todo, config, log)
+        if config.fps_per_gpu:
+            log(CostEstimate(frames, chunks, largest, config.fps_per_gpu, resources).describe())
         return summary
     if not todo:
         log("[segment] nothing to do: every input is committed (use --overwrite to redo, --retry-failed for failures)")
@@ -202,9 +210,19 @@ def _run_segment_job(config: SegmentJobConfig, log: Callable[[str], None], stack
     # Before any model work: an output that takes no writes or an unreadable checkpoint stops the job here,
     # with nothing written, rather than failing every video.
     preflight(config.output, config.checkpoint, retry, log=log)
+    import ray
+
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    local_ray = not ray.is_initialized() and address in (None, "", "local")  # a Ray this job starts cannot grow
     resources = _resources(config, connect=True)
     summary.resources = resources
     log(f"[segment] running {resources.describe()}")
+    fits_now = check_actor_fits(resources, cluster_shapes(), can_grow=not local_ray)  # refuses what never fits
+    if not fits_now:
+        log(f"[segment] no node fits an actor yet and the autoscaler's node types are not known here; the pool "
+            f"waits up to {config.actor_start_timeout_s:g}s for its first actors (--actor-start-timeout)")
+    telemetry = SegmentTelemetry(run_id)  # Ray's metrics endpoint; after ray.init
+    telemetry.videos("skipped", summary.skipped)
     lease.check()
     retry.call(lambda: layout.clear_videos([item.video_id for item in todo], run_id, set(committed),
                                            keep_staged=not config.overwrite),
@@ -219,7 +237,9 @@ def _run_segment_job(config: SegmentJobConfig, log: Callable[[str], None], stack
     progress = _Progress(log, config.progress_interval_s, len(todo))
     first_start = last_end = None
     staging = layout.staging_root(run_id)
-    for chunk in _chunk_summaries(_pipeline(todo, config, settings, resources, staging)):
+    rows = _pipeline(todo, config, settings, resources, staging, wait_for_actors=not fits_now).iter_rows()
+    for chunk in _chunk_summaries(_guard_actor_start(rows, resources, config)):
+        telemetry.chunk(chunk)
         state = states[chunk.video_id]
         if not state.summaries and chunk.probe:
             summary.planned_frames += chunk.probe["frame_count"]
@@ -248,10 +268,12 @@ def _run_segment_job(config: SegmentJobConfig, log: Callable[[str], None], stack
             retry.call(lambda: layout.commit_video(chunk.video_id, run_id, publish, video, errors), Side.OUTPUT,
                        f"committing {chunk.video_id} to {redact(config.output)}", log=log)
             setattr(summary, video["status"], getattr(summary, video["status"]) + 1)
+            telemetry.videos(video["status"])
             summary.rows.append(video)
             del states[chunk.video_id]
         progress.update(summary, chunk)
     progress.bar.close()
+    telemetry.finished()
     summary.seconds = time.perf_counter() - t0
     summary.work_s = (last_end - first_start) if first_start is not None else 0.0
     if states:  # cannot happen unless Ray dropped rows; refuse to pretend the job finished
@@ -275,19 +297,19 @@ def report_chunk(chunk: ChunkSummary, log: Callable[[str], None]) -> None:
                 f"detail column):\n{chunk.error['detail']}")
     elif chunk.chunk_index <= 0 and chunk.probe and chunk.probe.get("warning"):
         log(f"[segment] WARNING {chunk.uri}: {chunk.probe['warning']}")
-def _chunk_summaries(dataset) -> Iterator[ChunkSummary]:
+def _chunk_summaries(rows: Iterator[dict]) -> Iterator[ChunkSummary]:
     """The chunk summaries as the pipeline yields them, or ``JobFailure`` (exit 3) for a chunk or probe whose
     storage, network or output failure outlasted its retries: the video it belongs to is then not committed
     (videos already committed stay; a rerun does the rest). Ray redoes a chunk whose actor died (restarting
     the actor); a cluster failure Ray gives up on stops the job too."""
-    rows = iter(dataset.iter_rows())
+    rows = iter(rows)
     try:
         while True:
             try:
                 row = next(rows)
             except StopIteration:
                 return
-            except JobFailure:
+            except (JobFailure, ResourceMismatch):
                 raise
             except Exception as err:
                 if classify(err) is Fault.INPUT:
@@ -323,13 +345,30 @@ def _resources(config: SegmentJobConfig, connect: bool) -> ActorResources:
     return resolve_resources(config, float(os.cpu_count() or 1), float(torch.cuda.device_count()))
 
 
+def _guard_actor_start(rows, resources: ActorResources, config: SegmentJobConfig):
+    """Ray Data's timeout for the pool's first actors, as an error that names the request."""
+    import ray
+
+    try:
+        yield from rows
+    except ray.exceptions.GetTimeoutError as err:
+        raise ResourceMismatch(
+            f"no actor of {resources.cpus_per_actor:g} CPUs and {resources.gpus_per_actor:g} GPUs started within "
+            f"{config.actor_start_timeout_s:g}s ({cluster_shapes().describe()}): no node type of the cluster holds "
+            f"one, or the autoscaler cannot add nodes; lower --gpus-per-actor / --cpus-per-actor, or raise "
+            f"--actor-start-timeout if nodes take longer to start") from err
+
+
 def _pipeline(todo: list[InputItem], config: SegmentJobConfig, settings: ActorSettings, resources: ActorResources,
-              staging: str):
+              staging: str, wait_for_actors: bool = False):
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own progress lines are stable in logs and CI
+    # Bounded only when the preflight could not tell that an actor fits: otherwise Ray's default (wait).
+    ctx.wait_for_min_actors_s = (int(config.actor_start_timeout_s) if wait_for_actors
+                                 else ray.data.context.DEFAULT_WAIT_FOR_MIN_ACTORS_S)
     items = [{"video_id": i.video_id, "uri": i.uri} for i in todo]
     lead_in = lead_in_frames(config.keyframes)
     # One chunk per block: the actor pool runs a block as one task, so a block of a video's chunks would run
@@ -391,8 +430,10 @@ class _Progress:
                  f"{s.planned_frames} frames of the videos started done; {s.frames / (now - self.start):.1f} frames/s")
 
 
-def _print_plan(todo: list[InputItem], config: SegmentJobConfig, log: Callable[[str], None]) -> None:
+def _print_plan(todo: list[InputItem], config: SegmentJobConfig, log: Callable[[str], None]) -> tuple[int, int, int]:
+    """Probe and plan every video, print the table; returns the frames, chunks and largest chunk's frames."""
     lead_in = lead_in_frames(config.keyframes)
+    largest = 0
     log("| video_id | uri | frames | fps | size | chunks | note |")
     log("|---|---|---|---|---|---|---|")
     total_frames = total_chunks = 0
@@ -415,10 +456,12 @@ def _print_plan(todo: list[InputItem], config: SegmentJobConfig, log: Callable[[
             note = plan_chunks(probe_result, config.aligned_chunk_frames, lead_in).note if chunks and not codec else ""
             total_frames += probe_result.frame_count
             total_chunks += chunks
+            largest = max([largest] + [t.stop - t.start for t in tasks if t.chunk_index >= 0])
             log(f"| {item.video_id} | {redact(item.uri)} | {probe_result.frame_count} | {probe_result.fps:.2f} | "
                 f"{probe_result.width}x{probe_result.height} | {chunks} | {note} |")
     log(f"[segment] plan: {len(todo)} videos, {total_chunks} chunks of up to {config.aligned_chunk_frames} frames, "
         f"{total_frames} frames (dry run: nothing was loaded or written)")
+    return total_frames, total_chunks, largest
 
 
 def _print_summary(s: JobSummary, log: Callable[[str], None]) -> None:

@@ -186,11 +186,35 @@ def _preflight(config: TrainJobConfig) -> None:
     shard_refs(candidates, config.workers - 1, config.workers)  # the smallest shard must not be empty
 
 
+def _ddp_backend(config: TrainJobConfig) -> str:
+    """NCCL where the GPU workers' torch sees CUDA, else gloo. Asked on a node that holds a GPU worker (the
+    driver's node may have none): a GPU bundle on a node without a usable CUDA device (the autoscaling
+    rehearsal's simulated GPU nodes) trains on CPU, as the loop picks its device at run time."""
+    if not config.gpus_per_worker:
+        return "gloo"
+    import ray
+
+    @ray.remote(num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker)
+    def cuda_available() -> bool:
+        import torch
+
+        return torch.cuda.is_available()
+
+    # As long as Ray Train itself waits for its workers (cluster/runtime_env.yaml sets it for GPU nodes from zero).
+    timeout = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60"))
+    try:
+        return "nccl" if ray.get(cuda_available.remote(), timeout=timeout) else "gloo"
+    except ray.exceptions.GetTimeoutError:
+        raise ValueError(f"no node with {config.cpus_per_worker:g} CPUs and {config.gpus_per_worker:g} GPUs for a "
+                         f"training worker came up within {timeout:g}s: lower --gpus-per-worker / --cpus-per-worker, "
+                         f"or check that the cluster can add such nodes") from None
+
+
 def _fit(config: TrainJobConfig):
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # already Ray 2.60's default; the V1 API differs
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from dcfm.progress import RemoteProgress
 
@@ -203,6 +227,7 @@ def _fit(config: TrainJobConfig):
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
+        torch_config=TorchConfig(backend=_ddp_backend(config)),
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(

@@ -39,6 +39,7 @@ from dcfm.train.data import PairStream, open_training_pairs, shard_refs
 from dcfm.train.state import (TrainState, load_optimizer_tensors, read_train_state, restore_optimizer,
                               save_training_checkpoint)
 from dcfm.train.recipe import build_optimizer, poly_lr, set_lr, train_step
+from dcfm.telemetry import TrainTelemetry
 from dcfm.train.syncbn import convert_sync_batchnorm
 
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -190,6 +191,7 @@ def _train(config: TrainJobConfig, run: _Setup, rank: int, world: int, device: t
              f"{config.steps} on {device}")
     last_saved: int | None = None
     window = _Window()
+    telemetry = TrainTelemetry(config.storage_path_and_name[1]) if rank == 0 else None  # no-op outside Ray
     for step in range(start, config.steps):
         t0 = time.perf_counter()
         batch = run.stream.batch(step).to(device)
@@ -208,6 +210,8 @@ def _train(config: TrainJobConfig, run: _Setup, rank: int, world: int, device: t
             # "lr" is the encoder's; the decoder's is decoder_lr_mult times it.
             row = _metrics(window, state.step, config, world, resolved.lr * factor, run.stream.epoch_of(state.step))
             state.history.append(row)
+            if telemetry is not None:
+                telemetry.logged(row, window.steps)
             window = _Window()
             if rank == 0:
                 _log(f"[train] step {row['step']}/{config.steps} loss {row['loss']:.4f} (key {row['key_ce']:.4f} "
@@ -229,7 +233,8 @@ def train_loop_per_worker(config: TrainJobConfig) -> dict[str, Any]:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(config.cpus_per_worker)))
-    device = ray.train.torch.get_device()
+    # Ray's device for the worker's GPU bundle, if torch can use CUDA here; else the CPU.
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint is not None else nullcontext() as directory:
         run = _setup(config, rank, world, device, (directory, checkpoint.path) if checkpoint is not None else None)
