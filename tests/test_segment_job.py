@@ -168,6 +168,7 @@ def test_run_manifest_records_settings_counts_and_where_the_time_went(clean_run,
     assert manifest["checkpoint_digest"] == read_card(checkpoint)[1]
     assert manifest["config"]["chunk_frames"] == 4 and manifest["packages"]["torch"] == metadata.version("torch")
     assert manifest["counts"] == {"inputs": len(corpus), "ok": len(corpus), "empty": 0, "failed": 0, "skipped": 0,
+                                  "skipped_files": 0,
                                   "chunks": summary.chunks, "reused_chunks": 0, "frames": summary.frames}
     # The defaults filled the 2-CPU cluster: two actors of one CPU each.
     assert manifest["resources"]["min_actors"] == manifest["resources"]["max_actors"] == 2

@@ -160,8 +160,14 @@ def _run_segment_job(config: SegmentJobConfig, log: Callable[[str], None], stack
     card.check_nonkey_scale(config.nonkey_scale, config.checkpoint)
     run_id = config.run_id(digest, resolution)
     layout = OutputLayout(config.output)
-    lease = None if config.dry_run else stack.enter_context(OutputLease(config.output, run_id, config.lease, log))
     retry = config.retry
+    lease = None
+    if not config.dry_run:
+        # Before the lease (itself a write) and any model work: an output that takes no writes or an unreadable
+        # checkpoint stops the job here with one line naming it, with nothing written, rather than failing
+        # every video.
+        preflight(config.output, config.checkpoint, retry, log=log)
+        lease = stack.enter_context(OutputLease(config.output, run_id, config.lease, log))
     # Only network failures are worth waiting for here: an output this job may not list fails at once.
     committed = retry.call(layout.committed, Side.OUTPUT, f"listing {redact(config.output)}",
                            retry_on=frozenset({Fault.TRANSIENT}), log=log)
@@ -207,9 +213,6 @@ def _run_segment_job(config: SegmentJobConfig, log: Callable[[str], None], stack
         return summary
 
     assert lease is not None  # held by every run that gets this far
-    # Before any model work: an output that takes no writes or an unreadable checkpoint stops the job here,
-    # with nothing written, rather than failing every video.
-    preflight(config.output, config.checkpoint, retry, log=log)
     import ray
 
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
