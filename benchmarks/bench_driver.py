@@ -42,7 +42,7 @@ def commit_all(config: SegmentJobConfig, checkpoint: str) -> str:
             "video_id": item.video_id, "video_uri": item.uri, "status": "ok", "error": None, "frame_count": 3,
             "fps": 25.0, "codec": "h264", "width": 48, "height": 32, "duration_s": 0.12, "chunks": 0,
             "keyframes": 2, "mean_confidence": 0.5, "mean_label_change_rate": 0.0, "mean_keyframe_agreement": None,
-            "seconds": 0.0, "run_id": run_id, "model_digest": digest,
+            "seconds": 0.0, "run_id": run_id, "model_digest": digest, "warning": None,
         }
         layout.commit_video(item.video_id, run_id, [], row, [])
 
