@@ -90,7 +90,7 @@ def commit_labels_as_masks(corpus: Path, output: str, checkpoint: str, digest: s
                      "width": mask.shape[1], "height": mask.shape[0], "duration_s": video.frames / manifest.fps,
                      "chunks": len(chunks), "keyframes": (video.frames + 3) // 4, "mean_confidence": 0.8,
                      "mean_label_change_rate": 0.05, "mean_keyframe_agreement": 0.9, "seconds": 0.0,
-                     "run_id": RUN_ID, "model_digest": digest}
+                     "run_id": RUN_ID, "model_digest": digest, "warning": None}
         layout.commit_video(video.id, RUN_ID, chunks, video_row, [])
         ids.append(video.id)
     storage.write_bytes_atomic(layout.run_manifest(RUN_ID, "bench"), json.dumps(
