@@ -29,6 +29,7 @@ from enum import Enum
 from typing import TypeVar
 
 from dcfm.errors import JobFailure
+from dcfm.storage import redact
 
 T = TypeVar("T")
 
@@ -251,8 +252,9 @@ class RetryPolicy:
                                            f"{type(err).__name__}: {err}") from err
                 wait = self.delay(attempt)
                 if log is not None:
-                    log(f"[retry] {what}: {fault.value} failure ({type(err).__name__}: {err}); attempt "
-                        f"{attempt + 1}/{self.attempts} in {wait:.1f}s")
+                    # Actors log with print, not through the job's redacting log: a URL in the error goes here.
+                    log(redact(f"[retry] {what}: {fault.value} failure ({type(err).__name__}: {err}); attempt "
+                               f"{attempt + 1}/{self.attempts} in {wait:.1f}s"))
                 time.sleep(wait)
         raise AssertionError("unreachable")
 
