@@ -189,23 +189,32 @@ class OutputLayout:
             storage.write_bytes_atomic(
                 storage.join(self.errors_dir(video_id), "part-0.parquet"), parquet_bytes(table_for("errors", columns))
             )
-        marker = {
+        marker = self.marker_record(video_id, run_id, staged_chunks, video_row)
+        storage.write_bytes_atomic(self.marker(video_id), marker_bytes(marker))
+        self.discard_staging(run_id, video_id)
+
+    def marker_record(self, video_id: str, run_id: str, chunks: list[int], video_row: dict[str, Any]) -> dict[str, Any]:
+        """The commit marker of a video whose frame files are ``chunks``."""
+        return {
             "format": MARKER_FORMAT,
             "video_id": video_id,
             "video_uri": video_row["video_uri"],
             "status": video_row["status"],
             "run_id": run_id,
             "model_digest": video_row["model_digest"],
-            "frame_files": [self.frames_file(video_id, c).rsplit("/", 1)[-1] for c in staged_chunks],
+            "frame_files": [self.frames_file(video_id, c).rsplit("/", 1)[-1] for c in chunks],
         }
-        # One line: the markers of an output read as newline-delimited JSON (the README's Polars query).
-        storage.write_bytes_atomic(self.marker(video_id), json.dumps(marker, sort_keys=True).encode() + b"\n")
-        self.discard_staging(run_id, video_id)
 
     def discard_staging(self, run_id: str, video_id: str) -> None:  # noqa: D102
         fs, path = storage.filesystem(self.staging_dir(run_id, video_id))
         if fs.exists(path):
             fs.rm(path, recursive=True)
+
+
+def marker_bytes(marker: dict[str, Any]) -> bytes:
+    """A marker as stored: one JSON line, so the markers of an output read as newline-delimited JSON (the
+    README's Polars query)."""
+    return json.dumps(marker, sort_keys=True).encode() + b"\n"
 
 
 def _listing(uri: str) -> list[str]:
