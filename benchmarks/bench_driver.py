@@ -1,19 +1,19 @@
 """Start-up of a no-op rerun over many committed videos: the driver's fixed cost at archive scale.
 
-    python benchmarks/bench_driver.py [--videos 10000] [--s3] [--reruns 2] [--keep DIR] [--profile FILE]
+    python benchmarks/bench_driver.py [--videos 10000] [--s3] [--reruns 2] [--keep DIR [--drop-index]] [--profile FILE]
 
 Makes ``--videos`` tiny inputs (one 3-frame H.264 file, hard-linked under distinct names) and commits every
 one of them as this run id: what a finished job leaves, written directly (frame file, videos/ row, marker
 built by ``OutputLayout.marker_record``; 32 writers) rather than through staging, which would only slow the
 set-up. Then times ``run_segment_job`` on the same inputs ``--reruns`` times: it lists the inputs, reads the
 checkpoint card, takes the lease, finds what is committed and that its files exist, and finds nothing to do.
-The first rerun after the set-up finds no commit index (the set-up wrote none); later ones find the index the
-first wrote. With ``--s3`` the outputs live on a local SeaweedFS (tests/s3server.py) instead of local disk;
+The first rerun after the set-up finds no commit index (the set-up wrote none) and reads every marker; later
+ones find the index the first wrote (on S3: on local disk listings carry no content hash and every rerun reads
+the markers). With ``--s3`` the outputs live on a local SeaweedFS (tests/s3server.py) instead of local disk;
 the inputs and the checkpoint stay local.
 
 ``--keep DIR`` keeps the inputs, the outputs and SeaweedFS's data in DIR and reuses a set-up of the same size
-found there (the index a rerun wrote stays; delete ``DIR/out/_commits_index.json``, or the object of that name,
-to measure a first rerun again).
+found there (the commit index a rerun wrote stays; ``--drop-index`` removes it, to time a first rerun again).
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--reruns", type=int, default=2, help="no-op reruns to time, one after the other")
     parser.add_argument("--keep", type=Path, help="keep inputs, outputs and SeaweedFS data here; reuse a set-up found there")
     parser.add_argument("--profile", type=Path, help="write cProfile stats of the reruns here")
+    parser.add_argument("--drop-index", action="store_true",
+                        help="remove the commit index a kept set-up holds, so the first rerun reads every marker")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="dcfm-driver-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -112,6 +114,10 @@ def main() -> None:
             run_id = commit_all(job, checkpoint)
             (work / "setup.json").write_text(json.dumps(setup))
             print(f"committed {args.videos} videos as run {run_id} in {time.perf_counter() - start:.1f}s ({where})")
+        index = OutputLayout(output).commit_index()
+        if args.drop_index and storage.exists(index):
+            fs, path = storage.filesystem(index)
+            fs.rm(path)
         profiler = cProfile.Profile() if args.profile else None
         for attempt in range(args.reruns):
             lines: list[str] = []

@@ -1,6 +1,10 @@
-"""The output layout's bulk operations, on local disk (the job tests cover S3)."""
+"""The output layout's bulk operations, on local disk and on a real S3 (SeaweedFS): markers read through the
+commit index, files checked by one listing per directory or one recursive listing."""
 
+import gzip
 from pathlib import Path
+
+import pytest
 
 from dcfm import storage
 from dcfm.segment.outputs import OutputLayout
@@ -42,19 +46,80 @@ def test_clear_videos_removes_only_those_videos_and_keeps_staged_chunks_when_ask
     assert not Path(layout.staging_dir("run", "a")).exists() and Path(layout.staging_dir("run", "d")).exists()
 
 
-def test_missing_files_names_what_a_marker_lists_but_is_gone(tmp_path: Path) -> None:
-    layout = OutputLayout(str(tmp_path))
-    for i in range(20):
+def delete(uri: str) -> None:
+    fs, path = storage.filesystem(uri)
+    fs.rm(path)
+
+
+@pytest.mark.parametrize("concurrency", [1, 1000], ids=["recursive-listing", "listing-per-directory"])
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_missing_files_names_what_a_marker_lists_but_is_gone(tmp_path: Path, where: str, concurrency: int,
+                                                               request: pytest.FixtureRequest) -> None:
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_env") + "/out"
+    layout = OutputLayout(root)
+    for i in range(12):
         commit(layout, f"v{i}", "run")
+    storage.write_bytes_atomic(layout.frames_file("v9", 0) + ".x", b"not the file")
     markers = layout.committed()
-    assert layout.missing_files(list(markers.values())) == {}
-    Path(layout.frames_file("v3", 0)).unlink()
-    Path(storage.join(layout.videos_dir("v5"), "part-0.parquet")).unlink()
-    (tmp_path / "frames" / "video_id=v9" / "part-00000.parquet").rename(tmp_path / "frames" / "video_id=v9" / "x")
-    missing = layout.missing_files(list(markers.values()))
+    # Every marker checked and 12 committed: a recursive listing is one page, against 24 directories listed
+    # one at a time (concurrency 1) or all at once (1000).
+    kept = [m for v, m in markers.items() if v != "v11"]
+    assert layout.missing_files(kept, concurrency=concurrency, committed=list(markers.values())) == {}
+    delete(layout.frames_file("v3", 0))
+    delete(storage.join(layout.videos_dir("v5"), "part-0.parquet"))
+    delete(layout.frames_file("v9", 0))
+    delete(layout.frames_file("v11", 0))  # not asked about
+    missing = layout.missing_files(kept, concurrency=concurrency, committed=list(markers.values()))
     assert missing == {"v3": [layout.frames_file("v3", 0)],
                        "v5": [storage.join(layout.videos_dir("v5"), "part-0.parquet")],
                        "v9": [layout.frames_file("v9", 0)]}
+    # A later listing sees files written since (no cached listing survives the recursive one).
+    commit(layout, "v3", "run")
+    assert "v3" not in layout.missing_files(kept, concurrency=concurrency, committed=list(markers.values()))
+
+
+def test_commit_index_saves_reads_and_never_outvotes_a_marker(s3_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    layout = OutputLayout(f"{s3_env}/out")
+    for i in range(6):
+        commit(layout, f"v{i}", "run")
+    fs, _ = storage.filesystem(layout.root)
+    read: list[str] = []
+    cat = fs.cat
+    monkeypatch.setattr(fs, "cat", lambda paths, **kw: (read.extend(paths), cat(paths, **kw))[1])
+    # No index yet: every marker is read; a reader that does not hold the lease writes none.
+    markers = layout.committed()
+    assert len(read) == 6 and not storage.exists(layout.commit_index())
+    assert layout.committed(refresh_index=True) == markers and storage.exists(layout.commit_index())
+    read.clear()
+    assert layout.committed() == markers and read == []  # all from the index: one GET instead of six
+    # A marker rewritten since (another run id), one removed, one added: read as they are now.
+    commit(layout, "v1", "other-run")
+    delete(layout.marker("v2"))
+    commit(layout, "v6", "run")
+    now = layout.committed(refresh_index=True)
+    assert sorted(now) == ["v0", "v1", "v3", "v4", "v5", "v6"] and now["v1"]["run_id"] == "other-run"
+    assert sorted(p.rsplit("/", 1)[-1] for p in read) == ["v1.json", "v6.json"]
+    read.clear()
+    assert layout.committed() == now and read == []
+    # A forged or stale line (v3 claiming another run) is not what the marker holds: the marker wins.
+    lines = gzip.decompress(storage.read_bytes(layout.commit_index())).replace(b'"run_id": "run", "status": "ok", '
+                                                                               b'"video_id": "v3"', b'"run_id": "forged", '
+                                                                               b'"status": "ok", "video_id": "v3"')
+    assert b"forged" in lines
+    storage.write_bytes_atomic(layout.commit_index(), gzip.compress(lines))
+    assert layout.committed() == now and [p.rsplit("/", 1)[-1] for p in read] == ["v3.json"]
+    # A damaged index costs reads and nothing else.
+    storage.write_bytes_atomic(layout.commit_index(), b"not gzip")
+    read.clear()
+    assert layout.committed() == now and len(read) == 6
+
+
+def test_commit_index_is_not_written_where_listings_carry_no_content_hash(tmp_path: Path) -> None:
+    layout = OutputLayout(str(tmp_path))
+    commit(layout, "v0", "run")
+    markers = layout.committed(refresh_index=True)
+    layout.write_commit_index(markers)
+    assert sorted(markers) == ["v0"] and not Path(layout.commit_index()).exists()
 
 
 def test_marker_is_one_json_line(tmp_path: Path) -> None:

@@ -169,8 +169,9 @@ def _run_segment_job(config: SegmentJobConfig, log: Callable[[str], None], stack
         preflight(config.output, config.checkpoint, retry, log=log)
         lease = stack.enter_context(OutputLease(config.output, run_id, config.lease, log))
     # Only network failures are worth waiting for here: an output this job may not list fails at once.
-    committed = retry.call(layout.committed, Side.OUTPUT, f"listing {redact(config.output)}",
-                           retry_on=frozenset({Fault.TRANSIENT}), log=log)
+    # The lease holder refreshes the commit index where markers had to be read one by one.
+    committed = retry.call(lambda: layout.committed(refresh_index=lease is not None), Side.OUTPUT,
+                           f"listing {redact(config.output)}", retry_on=frozenset({Fault.TRANSIENT}), log=log)
     summary = JobSummary(run_id=run_id, videos=len(items), skipped_files=inputs.skipped,
                          skipped_file_examples=inputs.skipped_examples)
     foreign = sorted({m["run_id"] for m in committed.values() if m["run_id"] != run_id})
@@ -181,7 +182,7 @@ def _run_segment_job(config: SegmentJobConfig, log: Callable[[str], None], stack
         )
     # A marker counts only while its files exist: a video whose files were lost is redone.
     kept = [committed[i.video_id] for i in items if i.video_id in committed and not config.overwrite]
-    broken = layout.missing_files(kept)
+    broken = layout.missing_files(kept, committed=list(committed.values()))
     for video_id, missing in sorted(broken.items()):
         log(f"[segment] {video_id}: its commit marker lists {len(missing)} missing file(s) "
             f"(e.g. {redact(missing[0])}); redoing it")
@@ -268,8 +269,9 @@ def _run_segment_job(config: SegmentJobConfig, log: Callable[[str], None], stack
         if state.complete():
             video, errors, publish = video_row(state, run_id, digest)
             lease.check()  # a run that lost its lease commits nothing more
-            retry.call(lambda: layout.commit_video(chunk.video_id, run_id, publish, video, errors), Side.OUTPUT,
-                       f"committing {chunk.video_id} to {redact(config.output)}", log=log)
+            committed[chunk.video_id] = retry.call(
+                lambda: layout.commit_video(chunk.video_id, run_id, publish, video, errors), Side.OUTPUT,
+                f"committing {chunk.video_id} to {redact(config.output)}", log=log)
             setattr(summary, video["status"], getattr(summary, video["status"]) + 1)
             telemetry.videos(video["status"])
             summary.rows.append(video)
@@ -284,6 +286,9 @@ def _run_segment_job(config: SegmentJobConfig, log: Callable[[str], None], stack
     lease.check()
     retry.call(lambda: _write_manifest(layout, config, summary, digest, resolution, started), Side.OUTPUT,
                f"writing the run manifest to {redact(config.output)}", log=log)
+    # Every marker now, read at the start or written since: the next run reads them from the index.
+    retry.call(lambda: layout.write_commit_index(committed), Side.OUTPUT,
+               f"writing the commit index of {redact(config.output)}", log=log)
     _print_summary(summary, log)
     return summary
 

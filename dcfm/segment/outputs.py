@@ -20,8 +20,11 @@ output's lease writes or removes anything here, so no run removes another live r
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import io
 import json
+import math
 import posixpath
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +38,11 @@ from dcfm import storage
 from dcfm.schemas import output_schema
 
 MARKER_FORMAT = "dcfm-segment-commit/1"
+# Every marker's line in one object, a cache that saves a rerun one GET per marker (OutputLayout.committed).
+# Not under _commits/, so readers' globs of the markers never see it.
+COMMIT_INDEX = "_commits_index.ndjson.gz"
+# Keys an object-store listing returns per request (S3's maximum): the cost unit of a recursive listing.
+LIST_PAGE = 1000
 
 
 def table_for(schema_name: str, rows: dict[str, list]) -> pa.Table:
@@ -85,20 +93,67 @@ class OutputLayout:
     def run_manifest(self, run_id: str, started: str) -> str:
         return storage.join(self.root, "runs", run_id, f"{started}.json")
 
+    def commit_index(self) -> str:
+        return storage.join(self.root, COMMIT_INDEX)
+
     # --- state ---------------------------------------------------------------------------------------------
-    def committed(self) -> dict[str, dict[str, Any]]:
-        """video_id -> marker contents, for every committed video: one listing, then the markers read
-        concurrently (fsspec's ``cat`` of many paths batches them on object stores)."""
+    def committed(self, refresh_index: bool = False) -> dict[str, dict[str, Any]]:
+        """video_id -> marker contents, for every committed video.
+
+        One listing of ``_commits/``. On an object store whose listing gives each marker's ETag (the MD5 of a
+        single-PUT object), a marker whose line in the commit index has that MD5 is taken from the index: its
+        bytes are the marker's. The rest are read, concurrently (fsspec's ``cat`` of many paths). The markers
+        stay the source of truth: a marker rewritten, added or removed since the index was written is read
+        (or left out) as it is now. ``refresh_index``: rewrite the index when some markers had to be read;
+        only for the holder of the output's lease.
+        """
         fs, path = storage.filesystem(storage.join(self.root, "_commits"))
         try:
-            names = [n for n in fs.ls(path, detail=False) if n.endswith(".json")]
+            listed = fs.ls(path, detail=True, refresh=True)
         except FileNotFoundError:
             return {}
-        markers = {}
-        for data in fs.cat(names, on_error="raise").values() if names else ():
+        etags = {info["name"]: _etag(info) for info in listed if info["name"].endswith(".json")}
+        index = self._read_index() if any(etags.values()) else {}
+        markers, fetch = {}, []
+        for name, etag in etags.items():
+            line = index.get(name.rsplit("/", 1)[-1][: -len(".json")])
+            if etag is not None and line is not None and hashlib.md5(line, usedforsecurity=False).hexdigest() == etag:
+                marker = json.loads(line)
+                markers[marker["video_id"]] = marker
+            else:
+                fetch.append(name)
+        for data in fs.cat(fetch, on_error="raise").values() if fetch else ():
             marker = json.loads(data)
             markers[marker["video_id"]] = marker
+        if refresh_index and fetch and any(etags.values()):
+            self.write_commit_index(markers)
         return markers
+
+    def write_commit_index(self, markers: dict[str, dict[str, Any]]) -> None:
+        """Write the commit index: every marker's line, as ``commit_video`` writes it (gzip, one object), so a
+        rerun takes unchanged markers from one GET instead of one each. A cache, checked marker by marker
+        against the listing's ETags: stale entries are never trusted. Only on stores whose listings give
+        ETags; only by the holder of the output's lease."""
+        fs, _ = storage.filesystem(self.root)
+        if not _lists_etags(fs):
+            return
+        data = b"".join(marker_bytes(markers[video_id]) for video_id in sorted(markers))
+        storage.write_bytes_atomic(self.commit_index(), gzip.compress(data, compresslevel=3, mtime=0))
+
+    def _read_index(self) -> dict[str, bytes]:
+        """video_id -> its marker's line from the commit index ({} when there is none or it is unreadable: the
+        index only saves reads, so a damaged one costs them and nothing else)."""
+        try:
+            data = gzip.decompress(storage.read_bytes(self.commit_index()))
+        except (FileNotFoundError, OSError, EOFError):
+            return {}
+        lines = {}
+        for line in data.splitlines(keepends=True):
+            try:
+                lines[json.loads(line)["video_id"]] = line
+            except (ValueError, KeyError, TypeError):
+                continue
+        return lines
 
     def marker_files(self, marker: dict[str, Any]) -> list[str]:
         """The files a commit marker vouches for: its frame files and the video's ``videos/`` row."""
@@ -106,11 +161,15 @@ class OutputLayout:
         return [*(storage.join(self.frames_dir(video_id), name) for name in marker.get("frame_files", [])),
                 storage.join(self.videos_dir(video_id), "part-0.parquet")]
 
-    def missing_files(self, markers: list[dict[str, Any]], concurrency: int = 16) -> dict[str, list[str]]:
+    def missing_files(self, markers: list[dict[str, Any]], concurrency: int = 16,
+                      committed: list[dict[str, Any]] | None = None) -> dict[str, list[str]]:
         """video_id -> the files its marker lists that do not exist (videos with all their files left out).
 
-        One fresh listing per directory, run concurrently: two requests per video on an object store
-        however many chunks it has, instead of one per file.
+        Either one fresh listing per directory, ``concurrency`` at a time (two requests per video on an object
+        store however many chunks it has), or one recursive listing each of ``frames/`` and ``videos/``,
+        whichever takes fewer rounds of requests: the recursive one costs a page per ``LIST_PAGE`` files of the
+        whole output, estimated from ``committed`` (every marker of the output; default ``markers``), so a
+        rerun of a few videos of a large archive still lists only their directories.
         """
         wanted: dict[str, list[tuple[str, str]]] = defaultdict(list)  # directory -> (video_id, file name)
         for marker in markers:
@@ -119,6 +178,22 @@ class OutputLayout:
                 wanted[directory].append((marker["video_id"], name))
         if not wanted:
             return {}
+        everything = markers if committed is None else committed
+        pages = math.ceil(max(len(everything), sum(len(m.get("frame_files", ())) for m in everything)) / LIST_PAGE)
+        if pages <= math.ceil(len(wanted) / concurrency):
+            present = self._files_under(("frames", "videos"))
+        else:
+            present = self._files_in(sorted(wanted), concurrency)
+        missing: dict[str, list[str]] = defaultdict(list)
+        for directory, files in wanted.items():
+            names = present.get(directory, ())
+            for video_id, name in files:
+                if name not in names:
+                    missing[video_id].append(f"{directory}/{name}")
+        return dict(missing)
+
+    def _files_in(self, directories: list[str], concurrency: int) -> dict[str, set[str]]:
+        """directory URI -> names of the files in it: one fresh listing each, ``concurrency`` at a time."""
         fs, _ = storage.filesystem(self.root)
 
         def names(directory: str) -> set[str]:
@@ -128,15 +203,32 @@ class OutputLayout:
                 return set()
             return {p.rstrip("/").rsplit("/", 1)[-1] for p in listed}
 
-        directories = sorted(wanted)
         with ThreadPoolExecutor(max_workers=min(concurrency, len(directories))) as pool:
-            present = dict(zip(directories, pool.map(names, directories)))
-        missing: dict[str, list[str]] = defaultdict(list)
-        for directory, files in wanted.items():
-            for video_id, name in files:
-                if name not in present[directory]:
-                    missing[video_id].append(f"{directory}/{name}")
-        return dict(missing)
+            return dict(zip(directories, pool.map(names, directories)))
+
+    def _files_under(self, tops: tuple[str, ...]) -> dict[str, set[str]]:
+        """directory URI -> names of the files in it, for every directory below ``tops``: one recursive listing
+        of each top directory (paginated by the client on object stores), the tops listed concurrently."""
+        fs, root_path = storage.filesystem(self.root)
+        root_path, root_uri = root_path.rstrip("/"), self.root.rstrip("/")
+
+        def find(top: str) -> list[str]:
+            path = f"{root_path}/{top}"
+            try:
+                return fs.find(path)
+            except FileNotFoundError:
+                return []
+            finally:
+                _forget_listings(fs, path)
+
+        present: dict[str, set[str]] = defaultdict(set)
+        with ThreadPoolExecutor(max_workers=len(tops)) as pool:
+            for files in pool.map(find, tops):
+                for file in files:
+                    directory, name = file.rsplit("/", 1)
+                    if directory.startswith(root_path):
+                        present[root_uri + directory[len(root_path):]].add(name)
+        return present
 
     def clear_videos(self, video_ids: list[str], run_id: str, committed: set[str], keep_staged: bool) -> None:
         """Remove whatever earlier runs left of these videos before they are (re)processed.
@@ -167,9 +259,10 @@ class OutputLayout:
         staged_chunks: list[int],
         video_row: dict[str, Any],
         error_rows: list[dict[str, Any]],
-    ) -> None:
-        """Publish a finished video: frames (if it succeeded), its videos/errors rows, then the marker.
-        Safe to call again after a failure midway (the job retries it on transient storage failures)."""
+    ) -> dict[str, Any]:
+        """Publish a finished video: frames (if it succeeded), its videos/errors rows, then the marker; returns
+        the marker. Safe to call again after a failure midway (the job retries it on transient storage
+        failures)."""
         for chunk in staged_chunks:
             fs, src = storage.filesystem(self.staging_file(run_id, video_id, chunk))
             _, dst = storage.filesystem(self.frames_file(video_id, chunk))
@@ -192,6 +285,7 @@ class OutputLayout:
         marker = self.marker_record(video_id, run_id, staged_chunks, video_row)
         storage.write_bytes_atomic(self.marker(video_id), marker_bytes(marker))
         self.discard_staging(run_id, video_id)
+        return marker
 
     def marker_record(self, video_id: str, run_id: str, chunks: list[int], video_row: dict[str, Any]) -> dict[str, Any]:
         """The commit marker of a video whose frame files are ``chunks``."""
@@ -215,6 +309,26 @@ def marker_bytes(marker: dict[str, Any]) -> bytes:
     """A marker as stored: one JSON line, so the markers of an output read as newline-delimited JSON (the
     README's Polars query)."""
     return json.dumps(marker, sort_keys=True).encode() + b"\n"
+
+
+def _etag(info: dict[str, Any]) -> str | None:
+    """The MD5 of a listed object's content, where the listing says it: an S3 ETag of a single-part upload
+    without KMS encryption (markers are tiny single PUTs); None otherwise (then the marker is read)."""
+    etag = str(info.get("ETag") or "").strip('"')
+    return etag if len(etag) == 32 and all(c in "0123456789abcdef" for c in etag) else None
+
+
+def _forget_listings(fs: Any, path: str) -> None:
+    """Drop what a recursive listing left in fsspec's listings cache (s3fs keeps a listing of every directory it
+    saw), so later listings and existence checks ask the store."""
+    fs.invalidate_cache(path)
+    for key in [k for k in fs.dircache if k.startswith(path.rstrip("/") + "/")]:
+        fs.dircache.pop(key, None)
+
+
+def _lists_etags(fs: Any) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return bool({"s3", "s3a"} & set(protocols))
 
 
 def _listing(uri: str) -> list[str]:
