@@ -27,6 +27,7 @@ from dcfm.model import DCFM, DCFMConfig
 from dcfm.schemas import output_schema
 from dcfm.segment.config import SegmentJobConfig
 from dcfm.segment.job import run_segment_job
+from dcfm.segment.outputs import OutputLayout
 from dcfm.synth import SynthConfig, generate_corpus
 from dcfm.sources import expand_inputs
 from tests.videos import write_audio_only, write_bframe_video, write_test_video, write_vfr_video
@@ -255,6 +256,17 @@ def test_local_and_s3_outputs_are_identical(ray_local, corpus, checkpoint, tmp_p
     secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
     for key in fs.find(path):
         assert secret not in fs.cat_file(key), key
+    # The run left a commit index (so a rerun reads the markers from one object); a frame file lost since is
+    # still noticed and its video redone, from the same rows.
+    layout = OutputLayout(remote_root)
+    assert storage.exists(layout.commit_index())
+    victim, marker = sorted(layout.committed().items())[0]
+    fs.rm(storage.filesystem(storage.join(layout.frames_dir(victim), marker["frame_files"][-1]))[1])
+    logged: list[str] = []
+    again = run_segment_job(job(videos, remote_root, checkpoint, chunk_frames=4), log=logged.append)
+    assert again.ok == 1 and again.skipped == 1
+    assert any(f"{victim}: its commit marker lists 1 missing file(s)" in line for line in logged)
+    assert frame_rows(str(tmp_path / "local")) == frame_rows(remote_root)
 
 
 def test_killed_run_resumes_to_the_clean_rows(ray_local, clean_run, corpus, checkpoint, tmp_path) -> None:
