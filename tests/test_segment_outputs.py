@@ -51,9 +51,9 @@ def delete(uri: str) -> None:
     fs.rm(path)
 
 
-@pytest.mark.parametrize("concurrency", [1, 1000], ids=["recursive-listing", "listing-per-directory"])
+@pytest.mark.parametrize("recursive", [True, False], ids=["recursive-listing", "listing-per-directory"])
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_missing_files_names_what_a_marker_lists_but_is_gone(tmp_path: Path, where: str, concurrency: int,
+def test_missing_files_names_what_a_marker_lists_but_is_gone(tmp_path: Path, where: str, recursive: bool,
                                                                request: pytest.FixtureRequest) -> None:
     root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_env") + "/out"
     layout = OutputLayout(root)
@@ -61,21 +61,34 @@ def test_missing_files_names_what_a_marker_lists_but_is_gone(tmp_path: Path, whe
         commit(layout, f"v{i}", "run")
     storage.write_bytes_atomic(layout.frames_file("v9", 0) + ".x", b"not the file")
     markers = layout.committed()
-    # Every marker checked and 12 committed: a recursive listing is one page, against 24 directories listed
-    # one at a time (concurrency 1) or all at once (1000).
     kept = [m for v, m in markers.items() if v != "v11"]
-    assert layout.missing_files(kept, concurrency=concurrency, committed=list(markers.values())) == {}
+    assert layout.missing_files(kept, recursive=recursive) == {}
     delete(layout.frames_file("v3", 0))
     delete(storage.join(layout.videos_dir("v5"), "part-0.parquet"))
     delete(layout.frames_file("v9", 0))
     delete(layout.frames_file("v11", 0))  # not asked about
-    missing = layout.missing_files(kept, concurrency=concurrency, committed=list(markers.values()))
+    missing = layout.missing_files(kept, recursive=recursive)
     assert missing == {"v3": [layout.frames_file("v3", 0)],
                        "v5": [storage.join(layout.videos_dir("v5"), "part-0.parquet")],
                        "v9": [layout.frames_file("v9", 0)]}
     # A later listing sees files written since (no cached listing survives the recursive one).
     commit(layout, "v3", "run")
-    assert "v3" not in layout.missing_files(kept, concurrency=concurrency, committed=list(markers.values()))
+    assert "v3" not in layout.missing_files(kept, recursive=recursive)
+
+
+def test_recursive_listing_only_where_it_saves_requests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    layout = OutputLayout(str(tmp_path))
+    for i in range(30):
+        commit(layout, f"v{i}", "run")
+    markers = layout.committed()
+    used: list[str] = []
+    for method in ("_files_under", "_files_in"):
+        real = getattr(OutputLayout, method)
+        monkeypatch.setattr(OutputLayout, method, lambda self, *a, m=method, f=real: (used.append(m), f(self, *a))[1])
+    # All 30 videos asked about: one listing of each top directory instead of 60.
+    assert layout.missing_files(list(markers.values())) == {} and used == ["_files_under"]
+    # One video of 30: its 2 directories, not the 58 other files.
+    assert layout.missing_files([markers["v4"]], committed=list(markers.values())) == {} and used[1:] == ["_files_in"]
 
 
 def test_commit_index_saves_reads_and_never_outvotes_a_marker(s3_env: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,7 +24,6 @@ import gzip
 import hashlib
 import io
 import json
-import math
 import posixpath
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -41,8 +40,10 @@ MARKER_FORMAT = "dcfm-segment-commit/1"
 # Every marker's line in one object, a cache that saves a rerun one GET per marker (OutputLayout.committed).
 # Not under _commits/, so readers' globs of the markers never see it.
 COMMIT_INDEX = "_commits_index.ndjson.gz"
-# Keys an object-store listing returns per request (S3's maximum): the cost unit of a recursive listing.
-LIST_PAGE = 1000
+# A listed key costs the client about a tenth of what a request does (parsing its XML entry against signing,
+# sending and parsing a request: 0.35 ms against ~3 ms in the client and SeaweedFS on 2 cores, BENCHMARKS.md),
+# so a recursive listing pays off while it lists fewer than this many extra keys per request it saves.
+KEYS_PER_REQUEST = 10
 
 
 def table_for(schema_name: str, rows: dict[str, list]) -> pa.Table:
@@ -162,14 +163,16 @@ class OutputLayout:
                 storage.join(self.videos_dir(video_id), "part-0.parquet")]
 
     def missing_files(self, markers: list[dict[str, Any]], concurrency: int = 16,
-                      committed: list[dict[str, Any]] | None = None) -> dict[str, list[str]]:
+                      committed: list[dict[str, Any]] | None = None,
+                      recursive: bool | None = None) -> dict[str, list[str]]:
         """video_id -> the files its marker lists that do not exist (videos with all their files left out).
 
         Either one fresh listing per directory, ``concurrency`` at a time (two requests per video on an object
-        store however many chunks it has), or one recursive listing each of ``frames/`` and ``videos/``,
-        whichever takes fewer rounds of requests: the recursive one costs a page per ``LIST_PAGE`` files of the
-        whole output, estimated from ``committed`` (every marker of the output; default ``markers``), so a
-        rerun of a few videos of a large archive still lists only their directories.
+        store however many chunks it has), or one recursive listing each of ``frames/`` and ``videos/``
+        (up to 1,000 files a request on S3). The recursive one also lists the files of videos not asked about, which
+        ``committed`` (every marker of the output; default ``markers``) tells: it is taken (``recursive`` None)
+        while those extra files are fewer than ``KEYS_PER_REQUEST`` per directory it saves listing, so a rerun of
+        a few videos of a large archive still lists only their directories.
         """
         wanted: dict[str, list[tuple[str, str]]] = defaultdict(list)  # directory -> (video_id, file name)
         for marker in markers:
@@ -178,9 +181,11 @@ class OutputLayout:
                 wanted[directory].append((marker["video_id"], name))
         if not wanted:
             return {}
-        everything = markers if committed is None else committed
-        pages = math.ceil(max(len(everything), sum(len(m.get("frame_files", ())) for m in everything)) / LIST_PAGE)
-        if pages <= math.ceil(len(wanted) / concurrency):
+        if recursive is None:
+            everything = markers if committed is None else committed
+            files = sum(len(m.get("frame_files", ())) + 1 for m in everything)
+            recursive = files - sum(map(len, wanted.values())) <= KEYS_PER_REQUEST * len(wanted)
+        if recursive:
             present = self._files_under(("frames", "videos"))
         else:
             present = self._files_in(sorted(wanted), concurrency)
