@@ -82,6 +82,33 @@ def exists(uri: str | os.PathLike) -> bool:
     return fs.exists(path)
 
 
+def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is s3fs (S3 and S3-compatible stores)."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return bool({"s3", "s3a"} & set(protocols))
+
+
+def find_files(uri: str | os.PathLike) -> list[str]:
+    """Every file below ``uri`` (paths as its filesystem names them; [] when there is none): one fresh recursive
+    listing. On S3 its pages are read as they come: s3fs's ``find`` also rebuilds a cache of every directory it
+    saw, in time quadratic in the number of sibling directories (1.4 s of 4.6 s for 10,000 video partitions)."""
+    fs, path = filesystem(uri)
+    if not is_s3(fs) or getattr(fs, "version_aware", False):
+        try:
+            return fs.find(path)
+        except FileNotFoundError:
+            return []
+    bucket, _, key = path.strip("/").partition("/")
+    request = {"Bucket": bucket, "Prefix": f"{key}/" if key else ""}
+    files = []
+    while True:
+        page = fs.call_s3("list_objects_v2", **request)
+        files += [f"{bucket}/{item['Key']}" for item in page.get("Contents", ()) if not item["Key"].endswith("/")]
+        if not page.get("IsTruncated"):
+            return files
+        request["ContinuationToken"] = page["NextContinuationToken"]
+
+
 def set_usual_mode(path: str | os.PathLike) -> None:
     """Give a temporary file about to be published the mode any new file gets (0666 less the umask):
     ``mkstemp`` makes it 0600, which other users of a shared output could not read."""

@@ -4,6 +4,7 @@
     OUT/videos/video_id=<id>/part-0.parquet         one row per input
     OUT/errors/video_id=<id>/part-0.parquet         one row per failure
     OUT/_commits/<id>.json                          the commit marker, written last (one JSON line)
+    OUT/_commits_index.ndjson.gz                    on S3: every marker's line (a cache, see ``committed``)
     OUT/_lease.json                                 the running job's lease (dcfm.segment.lease)
     OUT/runs/<run_id>/<started>.json                one manifest per invocation that did work
     OUT/_staging/<run_id>/<id>/part-<chunk>.parquet chunks written by actors before their video commits
@@ -136,7 +137,7 @@ class OutputLayout:
         against the listing's ETags: stale entries are never trusted. Only on stores whose listings give
         ETags; only by the holder of the output's lease."""
         fs, _ = storage.filesystem(self.root)
-        if not _lists_etags(fs):
+        if not storage.is_s3(fs):
             return
         data = b"".join(marker_bytes(markers[video_id]) for video_id in sorted(markers))
         storage.write_bytes_atomic(self.commit_index(), gzip.compress(data, compresslevel=3, mtime=0))
@@ -214,17 +215,11 @@ class OutputLayout:
     def _files_under(self, tops: tuple[str, ...]) -> dict[str, set[str]]:
         """directory URI -> names of the files in it, for every directory below ``tops``: one recursive listing
         of each top directory (paginated by the client on object stores), the tops listed concurrently."""
-        fs, root_path = storage.filesystem(self.root)
+        _, root_path = storage.filesystem(self.root)
         root_path, root_uri = root_path.rstrip("/"), self.root.rstrip("/")
 
         def find(top: str) -> list[str]:
-            path = f"{root_path}/{top}"
-            try:
-                return fs.find(path)
-            except FileNotFoundError:
-                return []
-            finally:
-                _forget_listings(fs, path)
+            return storage.find_files(storage.join(self.root, top))
 
         present: dict[str, set[str]] = defaultdict(set)
         with ThreadPoolExecutor(max_workers=len(tops)) as pool:
@@ -321,19 +316,6 @@ def _etag(info: dict[str, Any]) -> str | None:
     without KMS encryption (markers are tiny single PUTs); None otherwise (then the marker is read)."""
     etag = str(info.get("ETag") or "").strip('"')
     return etag if len(etag) == 32 and all(c in "0123456789abcdef" for c in etag) else None
-
-
-def _forget_listings(fs: Any, path: str) -> None:
-    """Drop what a recursive listing left in fsspec's listings cache (s3fs keeps a listing of every directory it
-    saw), so later listings and existence checks ask the store."""
-    fs.invalidate_cache(path)
-    for key in [k for k in fs.dircache if k.startswith(path.rstrip("/") + "/")]:
-        fs.dircache.pop(key, None)
-
-
-def _lists_etags(fs: Any) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return bool({"s3", "s3a"} & set(protocols))
 
 
 def _listing(uri: str) -> list[str]:
