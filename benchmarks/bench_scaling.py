@@ -7,6 +7,9 @@
    128x256, masks at source size; ``--actors 1 --cpus-per-actor 1`` vs ``--actors 2 --cpus-per-actor 1``.
    Time = the run manifest's ``work_s`` (first chunk started to last chunk finished: no start-up). Checks
    that the frame rows are identical and prints the actors (node:pid) that ran chunks.
+   With ``--repeats N`` the 1- and 2-actor runs alternate N times and the medians are compared. The same
+   chunks are then also run without Ray: the actor's own code (``ChunkSegmenter.run``) in one process, then
+   in two processes at once, which is what two actors could at best reach on this machine.
 2. Keyframe reuse: a 720p synthetic video, ResNet-18 at 256x512, masks at 720p, default actors; k = 1 vs
    k = 6. The ideal speed-up is 1 / (1/k + (1 - 1/k) r), r = non-keyframe / keyframe cost of the model
    measured here in batches of 8 (the job's batch).
@@ -18,6 +21,8 @@ import argparse
 import json
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,27 +68,78 @@ def frame_rows(out: Path) -> list[dict]:
     return sorted(rows, key=lambda r: (r["video_id"], r["frame_index"]))
 
 
-def actors_benchmark(work: Path, frames: int, chunk: int, gop_seconds: float | None) -> None:
+def actors_benchmark(work: Path, frames: int, chunk: int, gop_seconds: float | None, repeats: int = 1) -> None:
     generate_corpus(work / "one", SynthConfig(videos=1, frames=frames, height=128, width=256, seed=11,
                                               gop_seconds=gop_seconds))
     videos = sorted((work / "one" / "videos").glob("*.mp4"))
     ckpt = checkpoint(work / "ckpt-small", (128, 256))
     gop = f"a seek point at least every {gop_seconds:g} s" if gop_seconds else "x264's seek points (every 250 frames)"
     print(f"\n## one video, {frames} frames 128x256 at 15 fps, {gop}, --chunk-frames {chunk}, k = 2, "
-          "resnet18 at 128x256")
-    print("| actors x CPUs | chunks | work s (manifest) | job s | frames/s (work) | actors that ran chunks (chunks each) |")
-    print("|---|---|---|---|---|---|")
-    results = {}
-    for actors in (1, 2):
-        manifest, summary = run(videos, work / f"out-{actors}", ckpt, keyframes=KeyframePolicy(interval=2),
-                                chunk_frames=chunk, min_actors=actors, max_actors=actors, cpus_per_actor=1)
-        work_s = manifest["timings"]["work_s"]
-        results[actors] = work_s
-        ran = ", ".join(f"{k.split(':')[1]} ({v['chunks']})" for k, v in manifest["actors"].items())
-        print(f"| {actors} x 1 | {summary.chunks} | {work_s:.1f} | {summary.seconds:.1f} | "
-              f"{summary.frames / work_s:.1f} | {ran} |", flush=True)
-    same = frame_rows(work / "out-1") == frame_rows(work / "out-2")
-    print(f"speed-up 2 actors vs 1: {results[1] / results[2]:.2f}x; frame rows identical: {same}")
+          f"resnet18 at 128x256; {repeats} run(s) of each, 1 and 2 actors alternating")
+    print("| run | actors x CPUs | chunks | work s (manifest) | job s | frames/s (work) | actors that ran chunks (chunks each) |")
+    print("|---|---|---|---|---|---|---|")
+    results: dict[int, list[float]] = {1: [], 2: []}
+    same = True
+    # Alternating runs, medians: this machine's speed drifts by ~10 % over minutes (other tenants of the host),
+    # which a single pair of runs would read as scaling.
+    for repeat in range(repeats):
+        for actors in (1, 2):
+            manifest, summary = run(videos, work / f"out-{actors}", ckpt, keyframes=KeyframePolicy(interval=2),
+                                    chunk_frames=chunk, min_actors=actors, max_actors=actors, cpus_per_actor=1)
+            work_s = manifest["timings"]["work_s"]
+            results[actors].append(work_s)
+            ran = ", ".join(f"{k.split(':')[1]} ({v['chunks']})" for k, v in manifest["actors"].items())
+            print(f"| {repeat + 1} | {actors} x 1 | {summary.chunks} | {work_s:.1f} | {summary.seconds:.1f} | "
+                  f"{summary.frames / work_s:.1f} | {ran} |", flush=True)
+        same = same and frame_rows(work / "out-1") == frame_rows(work / "out-2")
+    ceiling = without_ray(videos[0], ckpt, chunk, work)
+    print(f"without Ray (ChunkSegmenter.run over the same chunks): one process {ceiling[0]:.1f} s; two at once "
+          f"{ceiling[1]:.1f} s and {ceiling[2]:.1f} s, i.e. {2 * ceiling[0] / max(ceiling[1:]):.2f}x the work per "
+          f"second of one")
+    one, two = statistics.median(results[1]), statistics.median(results[2])
+    pairs = ", ".join(f"{a / b:.2f}x" for a, b in zip(results[1], results[2]))
+    print(f"speed-up 2 actors vs 1 (medians {one:.1f} s / {two:.1f} s): {one / two:.2f}x; each pair: {pairs}; "
+          f"frame rows identical: {same}")
+
+
+def without_ray(video: Path, ckpt: str, chunk: int, work: Path) -> tuple[float, float, float]:
+    """Seconds for the chunks of ``video`` through the actor's code in one process, then in two at once."""
+    def start(name: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, __file__, "--chunks-of", str(video), "--checkpoint", ckpt,
+                                 "--chunk", str(chunk), "--output", str(work / f"no-ray-{name}")],
+                                stdout=subprocess.PIPE, text=True)
+
+    def seconds(process: subprocess.Popen) -> float:
+        out, _ = process.communicate()
+        if process.returncode:
+            raise RuntimeError(f"the chunk run without Ray failed ({process.returncode})")
+        return float(out.split()[-1])
+
+    alone = seconds(start("alone"))
+    pair = [start("a"), start("b")]
+    return alone, seconds(pair[0]), seconds(pair[1])
+
+
+def run_chunks(video: Path, ckpt: str, chunk: int, output: Path) -> float:
+    """The 2-actor benchmark's chunks run one after the other by one ``ChunkSegmenter`` (1 thread), no Ray."""
+    from dcfm.checkpoint import load_checkpoint
+    from dcfm.inference import ReuseMode
+    from dcfm.segment.actor import ActorSettings, ChunkSegmenter, ChunkTask
+    from dcfm.segment.config import MaskResolution
+    from dcfm.segment.plan import lead_in_frames, plan_video
+
+    policy = KeyframePolicy(interval=2)
+    tasks = plan_video({"video_id": "v", "uri": str(video)}, chunk_frames=chunk, lead_in=lead_in_frames(policy))
+    settings = ActorSettings(ckpt, load_checkpoint(ckpt, "cpu").digest, str(output), "no-ray", policy,
+                             ReuseMode.BIDIRECTIONAL, (128, 256), MaskResolution.SOURCE, batch_size=8, device="cpu",
+                             threads=1)
+    segmenter = ChunkSegmenter(settings)
+    start = time.perf_counter()
+    for task in tasks:
+        summary = segmenter.run(ChunkTask.from_json(task["task"]))
+        if summary.status != "ok":
+            raise RuntimeError(f"chunk {summary.chunk_index} {summary.status}: {summary.error}")
+    return time.perf_counter() - start
 
 
 def path_ratio(size: tuple[int, int], batch: int = 8) -> float:
@@ -141,12 +197,19 @@ def main() -> None:
     parser.add_argument("--k-frames", type=int, default=96)
     parser.add_argument("--k-size", default="720x1280")
     parser.add_argument("--only", choices=["actors", "keyframes"], default=None)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating 1- and 2-actor runs (medians)")
+    parser.add_argument("--chunks-of", type=Path, help=argparse.SUPPRESS)  # internal: one no-Ray process
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.chunks_of:
+        print(f"{run_chunks(args.chunks_of, args.checkpoint, args.chunk, args.output):.2f}")
+        return
     work = Path(tempfile.mkdtemp(prefix="dcfm-scaling-"))
     start_ray()
     try:
         if args.only in (None, "actors"):
-            actors_benchmark(work, args.frames, args.chunk, args.gop_seconds or None)
+            actors_benchmark(work, args.frames, args.chunk, args.gop_seconds or None, args.repeats)
         if args.only in (None, "keyframes"):
             h, w = (int(v) for v in args.k_size.split("x"))
             keyframe_benchmark(work, args.k_frames, (h, w))

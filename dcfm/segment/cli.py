@@ -122,8 +122,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the pool's max size")
     p.add_argument("--actor-start-timeout", type=float, default=default("actor_start_timeout_s"), metavar="S",
                    dest="actor_start_timeout_s",
-                   help="when no node fits an actor yet and the autoscaler's node types are not known, fail if "
-                        "the first actors have not started after S seconds (default %(default)g)")
+                   help="the pool starts once its first actors (the MIN of --actors) have loaded the model; fail if "
+                        "they have not after S seconds, e.g. when no node fits an actor and the autoscaler's node "
+                        "types are not known (default %(default)g)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
 

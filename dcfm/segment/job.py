@@ -241,7 +241,7 @@ def _run_segment_job(config: SegmentJobConfig, log: Callable[[str], None], stack
     progress = _Progress(log, config.progress_interval_s, len(todo))
     first_start = last_end = None
     staging = layout.staging_root(run_id)
-    rows = _pipeline(todo, config, settings, resources, staging, wait_for_actors=not fits_now).iter_rows()
+    rows = _pipeline(todo, config, settings, resources, staging).iter_rows()
     for chunk in _chunk_summaries(_guard_actor_start(rows, resources, config)):
         telemetry.chunk(chunk)
         state = states[chunk.video_id]
@@ -361,22 +361,24 @@ def _guard_actor_start(rows, resources: ActorResources, config: SegmentJobConfig
         yield from rows
     except ray.exceptions.GetTimeoutError as err:
         raise ResourceMismatch(
-            f"no actor of {resources.cpus_per_actor:g} CPUs and {resources.gpus_per_actor:g} GPUs started within "
+            f"the pool's first {resources.min_actors} actor(s) of {resources.cpus_per_actor:g} CPUs and "
+            f"{resources.gpus_per_actor:g} GPUs did not all start and load the model within "
             f"{config.actor_start_timeout_s:g}s ({cluster_shapes().describe()}): no node type of the cluster holds "
-            f"one, or the autoscaler cannot add nodes; lower --gpus-per-actor / --cpus-per-actor, or raise "
+            f"one, the autoscaler cannot add nodes, or loading the checkpoint hangs; lower --gpus-per-actor / --cpus-per-actor, or raise "
             f"--actor-start-timeout if nodes take longer to start") from err
 
 
 def _pipeline(todo: list[InputItem], config: SegmentJobConfig, settings: ActorSettings, resources: ActorResources,
-              staging: str, wait_for_actors: bool = False):
+              staging: str):
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own progress lines are stable in logs and CI
-    # Bounded only when the preflight could not tell that an actor fits: otherwise Ray's default (wait).
-    ctx.wait_for_min_actors_s = (int(config.actor_start_timeout_s) if wait_for_actors
-                                 else ray.data.context.DEFAULT_WAIT_FOR_MIN_ACTORS_S)
+    # The pool starts once its min actors have loaded the model (Ray's default, -1, starts each actor as it comes):
+    # the actors begin together instead of the first one racing the others' start-up for the CPU, and a pool
+    # that never comes up (no node fits, no node is added) stops after --actor-start-timeout with a clear error.
+    ctx.wait_for_min_actors_s = int(config.actor_start_timeout_s)
     items = [{"video_id": i.video_id, "uri": i.uri} for i in todo]
     lead_in = lead_in_frames(config.keyframes)
     # One chunk per block: the actor pool runs a block as one task, so a block of a video's chunks would run
