@@ -90,11 +90,5 @@ def dcfm_loss(
         return LossTerms(total, key_ce.detach(), reuse_ce.detach(), pc.detach())
     similarity = sum(feature_similarity_loss(low, high)
                      for low, high in zip(outputs.lowres_fused, outputs.lowres_targets)) / len(outputs.lowres_fused)
-    if outputs.lowres_independent:
-        # The same pull one level lower: the corrected low-resolution f_ind towards the full-resolution one.
-        similarity = similarity + sum(
-            feature_similarity_loss(low, high) for low, high in zip(outputs.lowres_independent,
-                                                                    outputs.independent_targets)
-        ) / len(outputs.lowres_independent)
     total = total + weights.similarity * similarity
     return LossTerms(total, key_ce.detach(), reuse_ce.detach(), pc.detach(), similarity.detach())

@@ -122,10 +122,6 @@ class PairOutput:
     # U as non-key of L) and the full-resolution keyframe fused features they are pulled towards (FST-style).
     lowres_fused: tuple[torch.Tensor, ...] = ()
     lowres_targets: tuple[torch.Tensor, ...] = ()
-    # ... and, one level lower, the FFM's input from the corrected low-resolution f_ind of both frames and the
-    # one from their full-resolution f_ind (what the correction is there to imitate).
-    lowres_independent: tuple[torch.Tensor, ...] = ()
-    independent_targets: tuple[torch.Tensor, ...] = ()
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -153,17 +149,14 @@ class FeatureFusion(nn.Module):
         # The official code L2-normalises both inputs so neither dominates the concatenation.
         return self.common_term(l2_normalize(common))
 
-    def fusion_input(self, independent: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
-        """What the FFM takes from a raw f_ind: its used half on the keyframe term's grid ``size``, L2-normalised."""
-        independent = independent[:, : self.independent_used]
-        if independent.shape[-2:] != size:
-            independent = F.interpolate(independent, size=size, mode="bilinear", align_corners=False)
-        return l2_normalize(independent)
-
     def combine(self, keyframe_term: torch.Tensor, independent: torch.Tensor) -> torch.Tensor:
         """Finish the fusion of a cached keyframe term with a frame's raw f_ind."""
-        independent = self.fusion_input(independent, keyframe_term.shape[-2:])
-        return F.relu(self.norm(keyframe_term + self.independent_term(independent)))
+        independent = independent[:, : self.independent_used]
+        if independent.shape[-2:] != keyframe_term.shape[-2:]:
+            independent = F.interpolate(
+                independent, size=keyframe_term.shape[-2:], mode="bilinear", align_corners=False
+            )
+        return F.relu(self.norm(keyframe_term + self.independent_term(l2_normalize(independent))))
 
     def forward(self, common: torch.Tensor, independent: torch.Tensor) -> torch.Tensor:
         return self.combine(self.keyframe_term(common), independent)
@@ -354,11 +347,8 @@ class DCFM(nn.Module):
         low_reuse_l = self.fuse_lowres(com_u, lowres[:batch])
         low_reuse_u = self.fuse_lowres(com_l, lowres[batch:])
         reuse_logits = self.decode(low_reuse_l)
-        grid = fused_l.shape[-2:]
         return PairOutput(key_logits, reuse_logits, fused_l, fused_u, neighbour_logits,
-                          lowres_fused=(low_reuse_l, low_reuse_u), lowres_targets=(fused_l, fused_u),
-                          lowres_independent=(self.fusion.fusion_input(lowres, grid),),
-                          independent_targets=(self.fusion.fusion_input(independent, grid),))
+                          lowres_fused=(low_reuse_l, low_reuse_u), lowres_targets=(fused_l, fused_u))
 
     def forward(self, images: torch.Tensor, neighbour: torch.Tensor | None = None) -> torch.Tensor | PairOutput:
         """Per-frame logits at the input size (every frame a keyframe); with ``neighbour``, the training pair.
