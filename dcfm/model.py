@@ -11,13 +11,23 @@ Logits are returned at feature resolution; ``upsample_logits`` brings them to a 
 Reduced-resolution non-keyframes (AR-Seg with DCFM, ``DCFMConfig.nonkey_scale`` s < 1): a non-keyframe's
 shallow features are computed on the frame resized by s. ``CrossResolutionFusion`` (CReFF-style) aligns the
 keyframe's cached fusion term to the low-resolution independent feature by area resampling, and a zero-initialised
-depthwise 3x3 + BN residual corrects the low-resolution independent feature (its statistics differ from the
-full-resolution one's the FFM was fitted to); AR-Seg's motion-vector warping and local attention are left out,
-since DCFM reuses common features without alignment. Training adds an FST-style similarity loss between the
-low-resolution non-key fused feature and the (detached) full-resolution keyframe fused feature of the same
-frame. s = 1 builds no extra module and runs exactly the original code.
+residual corrects the low-resolution independent feature (its statistics differ from the full-resolution one's
+the FFM was fitted to): a 3x3 conv over all channels of the low-resolution f_ind, BN, ReLU, 1x1 conv, BN
+(``LowresCorrection.CONV``; the first version, a depthwise 3x3 + BN on the used half, stays loadable as
+``DEPTHWISE``). AR-Seg's motion-vector warping and local attention are left out, since DCFM reuses common
+features without alignment. Training adds an FST-style similarity loss between the low-resolution non-key fused
+feature and the (detached) full-resolution keyframe fused feature of the same frame. s = 1 builds no extra module
+and runs exactly the original code.
 
 METHOD notes, where this code departs from the authors' official code, and why:
+
+* Reduced resolution, measured on the synth training benchmark (BENCHMARKS.md, issue 11; 64x128 frames, so a
+  half-size non-keyframe is 32x64 and its f_ind an 8x16 grid): s = 0.5 stays 4-5 points of non-keyframe mIoU
+  below s = 1.0, already at k = 2. Neither of the two suspects checked accounts for that: BatchNorm running
+  statistics shared by the full- and half-size passes (recalibrating them on half-size passes only gains
+  0.4-0.5 points) and the capacity of the correction (the conv correction gains 0.3-0.6 points over the
+  depthwise one at 500 steps). The loss is concentrated in small objects (car, person), which a 32x64 frame
+  barely resolves; a larger frame (AR-Seg uses 1024x2048) is the untested remedy.
 
 * L2 norm and the channel half: the official code L2-normalises all of f_ind, then the FFM takes its first half;
   here the half is taken first and normalised by itself. Kept: the used channels then have unit norm whatever
