@@ -22,7 +22,7 @@ from safetensors.torch import save as save_safetensors
 from dcfm import storage
 from dcfm.classes import default_class_names, default_palette
 from dcfm.data import IGNORE_INDEX
-from dcfm.model import DCFM, IMAGENET_MEAN, IMAGENET_STD, DCFMConfig
+from dcfm.model import DCFM, IMAGENET_MEAN, IMAGENET_STD, DCFMConfig, LowresCorrection
 
 CHECKPOINT_FORMAT = "dcfm-checkpoint/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -74,7 +74,12 @@ class ModelCard:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelCard:
-        config = DCFMConfig.from_dict(data["config"])
+        recorded = dict(data["config"])
+        if float(recorded.get("nonkey_scale", 1.0)) < 1:
+            # Reduced-resolution cards written before the correction was selectable were trained with the first
+            # (depthwise) one; their weights load into that architecture.
+            recorded.setdefault("lowres_correction", LowresCorrection.DEPTHWISE.value)
+        config = DCFMConfig.from_dict(recorded)
         # Cards from before names and colours were recorded still load, with the documented defaults.
         names = data.get("class_names") or default_class_names(config.num_classes)
         palette = data.get("palette") or default_palette(config.num_classes)
@@ -161,8 +166,13 @@ def load_checkpoint(uri: str | os.PathLike, device: torch.device | str = "cpu") 
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
+        reduced = card.config.nonkey_scale < 1
+        bridge = (f", non-key scale {card.config.nonkey_scale:g} with lowres_correction "
+                  f"{card.config.lowres_correction.value!r}" if reduced else "")
+        hint = (f"; a reduced-resolution card must name the correction its weights were trained with (cards "
+                f"without the field mean {LowresCorrection.DEPTHWISE.value!r})" if reduced else "")
         raise CheckpointError(
             f"{uri}: weights do not fit the architecture in {CARD_FILE} "
-            f"(backbone {card.config.backbone!r}, {card.config.num_classes} classes): {err}"
+            f"(backbone {card.config.backbone!r}, {card.config.num_classes} classes{bridge}){hint}: {err}"
         ) from err
     return LoadedCheckpoint(model.to(device).eval(), card, digest)

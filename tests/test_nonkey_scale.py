@@ -9,14 +9,14 @@ import torch
 from dcfm.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from dcfm.inference import ClipSegmenter, InferenceConfig, KeyframePolicy, ReuseMode
 from dcfm.losses import LossWeights, dcfm_loss
-from dcfm.model import DCFM, DCFMConfig, upsample_logits
+from dcfm.model import DCFM, DCFMConfig, LowresCorrection, upsample_logits
 
 H, W, N = 64, 96, 9
 
 
-def make(backbone: str, scale: float) -> DCFM:
+def make(backbone: str, scale: float, correction: LowresCorrection = LowresCorrection.CONV) -> DCFM:
     torch.manual_seed(0)
-    net = DCFM(DCFMConfig(backbone=backbone, num_classes=5, nonkey_scale=scale))
+    net = DCFM(DCFMConfig(backbone=backbone, num_classes=5, nonkey_scale=scale, lowres_correction=correction))
     for m in net.modules():  # random BN statistics (and a non-zero correction) so nothing is an identity
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -108,7 +108,7 @@ def test_half_scale_training_loss_reaches_the_cross_resolution_fusion() -> None:
     assert terms.similarity is not None and terms.similarity > 0
     torch.testing.assert_close(terms.total, without.total + 10.0 * terms.similarity)
     terms.total.backward()
-    assert model.cross_resolution.depthwise.weight.grad.abs().sum() > 0
+    assert model.cross_resolution.conv[0].weight.grad.abs().sum() > 0
 
 
 def test_half_scale_checkpoint_round_trips(tmp_path, frames) -> None:
@@ -123,7 +123,7 @@ def test_half_scale_checkpoint_round_trips(tmp_path, frames) -> None:
         train_step(model, optimizer, batch, LossWeights())
     model.eval()
     correction = model.cross_resolution
-    assert correction.depthwise.weight.abs().sum() > 0 and correction.norm.weight.abs().sum() > 0
+    assert correction.conv[0].weight.abs().sum() > 0 and correction.norm.weight.abs().sum() > 0
     card = ModelCard(model.config, [f"c{i}" for i in range(5)], [(i, i, i) for i in range(5)], train_size=(H, W))
     save_checkpoint(tmp_path / "ckpt", model, card)
     loaded = load_checkpoint(tmp_path / "ckpt")
@@ -131,3 +131,46 @@ def test_half_scale_checkpoint_round_trips(tmp_path, frames) -> None:
     config = InferenceConfig(keyframes=KeyframePolicy(interval=4), return_logits=True)
     for a, b in zip(ClipSegmenter(model, config).segment(frames), ClipSegmenter(loaded.model, config).segment(frames)):
         assert torch.equal(a.logits, b.logits)
+
+
+def test_the_correction_reads_every_channel_of_the_low_resolution_shallow_feature() -> None:
+    # The FFM uses only the first half of f_ind; the conv correction also reads the second half (computed on every
+    # frame anyway), the first version (depthwise) did not.
+    images = torch.randn(1, 3, H, W, generator=torch.Generator().manual_seed(5))
+    for kind, reads_unused_half in ((LowresCorrection.CONV, True), (LowresCorrection.DEPTHWISE, False)):
+        model = make("resnet18", 0.5, kind)
+        with torch.no_grad():
+            independent = model.independent(torch.nn.functional.interpolate(images, scale_factor=0.5))
+            used = model.fusion.independent_used
+            changed = independent.clone()
+            changed[:, used:] += 1.0
+            a, b = model.cross_resolution.correct(independent), model.cross_resolution.correct(changed)
+        assert a.shape[1] == used
+        assert (not torch.equal(a, b)) is reads_unused_half
+
+
+def test_first_version_half_scale_checkpoints_still_load(tmp_path, frames) -> None:
+    # Cards written before the correction was selectable have no lowres_correction: they were depthwise models.
+    import json
+
+    model = make("resnet18", 0.5, LowresCorrection.DEPTHWISE)
+    card = ModelCard(model.config, [f"c{i}" for i in range(5)], [(i, i, i) for i in range(5)], train_size=(H, W))
+    save_checkpoint(tmp_path / "old", model, card)
+    card_path = tmp_path / "old" / "dcfm.json"
+    data = json.loads(card_path.read_text())
+    assert data["config"].pop("lowres_correction") == "depthwise"
+    card_path.write_text(json.dumps(data))
+    loaded = load_checkpoint(tmp_path / "old")
+    assert loaded.card.config.lowres_correction is LowresCorrection.DEPTHWISE
+    config = InferenceConfig(keyframes=KeyframePolicy(interval=3), return_logits=True)
+    for a, b in zip(ClipSegmenter(model, config).segment(frames), ClipSegmenter(loaded.model, config).segment(frames)):
+        assert torch.equal(a.logits, b.logits)
+    # A card that names another correction than its weights hold is refused with the architecture in the message.
+    data["config"]["lowres_correction"] = "conv"
+    card_path.write_text(json.dumps(data))
+    from dcfm.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="do not fit the architecture"):
+        load_checkpoint(tmp_path / "old")
+    with pytest.raises(ValueError, match="lowres_correction must be one of"):
+        DCFMConfig(nonkey_scale=0.5, lowres_correction="bicubic")
