@@ -22,11 +22,11 @@ and runs exactly the original code.
 METHOD notes, where this code departs from the authors' official code, and why:
 
 * Reduced resolution, measured on the synth training benchmark (BENCHMARKS.md, issue 11; 64x128 frames, so a
-  half-size non-keyframe is 32x64 and its f_ind an 8x16 grid): s = 0.5 stays 4-5 points of non-keyframe mIoU
-  below s = 1.0, already at k = 2. Neither of the two suspects checked accounts for that: BatchNorm running
-  statistics shared by the full- and half-size passes (recalibrating them on half-size passes only gains
-  0.4-0.5 points) and the capacity of the correction (the conv correction gains 0.3-0.6 points over the
-  depthwise one at 500 steps). The loss is concentrated in small objects (car, person), which a 32x64 frame
+  half-size non-keyframe is 32x64 and its f_ind an 8x16 grid): s = 0.5 stays 3-4 points of non-keyframe mIoU
+  below s = 1.0 (4.1 at k = 6, 3.0 at k = 2, with the conv correction). Neither of the two suspects checked
+  accounts for that: BatchNorm running statistics shared by the full- and half-size passes (recalibrating them
+  on half-size passes only gains 0.4-0.5 points) and the capacity of the correction (the conv correction gains
+  1.2-1.4 points over the depthwise one at the benchmark's full budget). The loss is concentrated in small objects (car, person), which a 32x64 frame
   barely resolves; a larger frame (AR-Seg uses 1024x2048) is the untested remedy.
 
 * L2 norm and the channel half: the official code L2-normalises all of f_ind, then the FFM takes its first half;

@@ -364,8 +364,8 @@ def _guard_actor_start(rows, resources: ActorResources, config: SegmentJobConfig
             f"the pool's first {resources.min_actors} actor(s) of {resources.cpus_per_actor:g} CPUs and "
             f"{resources.gpus_per_actor:g} GPUs did not all start and load the model within "
             f"{config.actor_start_timeout_s:g}s ({cluster_shapes().describe()}): no node type of the cluster holds "
-            f"one, the autoscaler cannot add nodes, or loading the checkpoint hangs; lower --gpus-per-actor / --cpus-per-actor, or raise "
-            f"--actor-start-timeout if nodes take longer to start") from err
+            f"one, the autoscaler cannot add nodes, or loading the checkpoint hangs; lower --gpus-per-actor / "
+            f"--cpus-per-actor, or raise --actor-start-timeout if nodes take longer to start") from err
 
 
 def _pipeline(todo: list[InputItem], config: SegmentJobConfig, settings: ActorSettings, resources: ActorResources,
