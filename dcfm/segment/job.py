@@ -287,8 +287,13 @@ def _run_segment_job(config: SegmentJobConfig, log: Callable[[str], None], stack
     retry.call(lambda: _write_manifest(layout, config, summary, digest, resolution, started), Side.OUTPUT,
                f"writing the run manifest to {redact(config.output)}", log=log)
     # Every marker now, read at the start or written since: the next run reads them from the index.
-    retry.call(lambda: layout.write_commit_index(committed), Side.OUTPUT,
-               f"writing the commit index of {redact(config.output)}", log=log)
+    # A cache: a run whose work is all committed does not fail for want of it.
+    try:
+        retry.call(lambda: layout.write_commit_index(committed), Side.OUTPUT,
+                   f"writing the commit index of {redact(config.output)}", log=log)
+    except Exception as err:  # noqa: BLE001
+        log(f"[segment] WARNING: could not write the commit index ({redact(str(err))}); the next rerun reads "
+            f"every commit marker instead")
     _print_summary(summary, log)
     return summary
 

@@ -128,7 +128,10 @@ class OutputLayout:
             marker = json.loads(data)
             markers[marker["video_id"]] = marker
         if refresh_index and fetch and any(etags.values()):
-            self.write_commit_index(markers)
+            try:
+                self.write_commit_index(markers)
+            except Exception:  # noqa: BLE001 - a cache: without it the next rerun reads every marker, nothing worse
+                pass
         return markers
 
     def write_commit_index(self, markers: dict[str, dict[str, Any]]) -> None:
