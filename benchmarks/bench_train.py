@@ -52,8 +52,6 @@ MODELS = {  # name -> (loss weights, max_delta, non-key scale); every model draw
     "dcfm-s0.5": (LossWeights(0.4, 10.0, similarity=10.0), None, 0.5),  # AR-Seg: non-keyframes at half size
     # Screening variants of the half-size model's loss (BENCHMARKS.md, issue 11): a 10x stronger FST term.
     "dcfm-s0.5-sim100": (LossWeights(0.4, 10.0, similarity=100.0), None, 0.5),
-    # ... and the keyframe logits distilled into the half-size non-key logits, both directions (λ4 = 1).
-    "dcfm-s0.5-kd": (LossWeights(0.4, 10.0, similarity=10.0, distill=1.0), None, 0.5),
 }
 
 

@@ -22,9 +22,6 @@ class LossWeights:
     reuse: float = 0.4
     consistency: float = 10.0
     similarity: float = 10.0
-    # λ4: distillation of the full-resolution keyframe logits into the low-resolution non-key logits of the same
-    # frame, both directions (reduced-resolution models only; 0 = off, the first version's loss).
-    distill: float = 0.0
 
     @classmethod
     def for_dataset(cls, name: str) -> LossWeights:
@@ -41,7 +38,6 @@ class LossTerms:
     reuse_ce: torch.Tensor
     consistency: torch.Tensor
     similarity: torch.Tensor | None = None  # reduced-resolution models only
-    distill: torch.Tensor | None = None  # reduced-resolution models with λ4 > 0 only
 
 
 def segmentation_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -77,25 +73,13 @@ def feature_similarity_loss(lowres: torch.Tensor, target: torch.Tensor) -> torch
     return F.mse_loss(lowres, target)
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Pixel KL(softmax(teacher) || softmax(student)), mean over pixels: the low-resolution non-key logits pulled
-    towards the (detached) full-resolution keyframe logits of the same frame, area-resampled to the student's
-    grid. Unlike the label CE it also supervises the unlabelled neighbour's low-resolution pass."""
-    teacher = teacher.detach()
-    if teacher.shape[-2:] != student.shape[-2:]:
-        teacher = F.interpolate(teacher, size=student.shape[-2:], mode="area")
-    kl = F.kl_div(F.log_softmax(student, dim=1), F.log_softmax(teacher, dim=1), reduction="none", log_target=True)
-    return kl.sum(1).mean()
-
-
 def dcfm_loss(
     outputs: PairOutput,
     labels: torch.Tensor,
     weights: LossWeights = LossWeights(),
     ignore_index: int = IGNORE_INDEX,
 ) -> LossTerms:
-    """L = CE_key + λ1·CE_reuse + λ2·L_pc (eq. 12), + λ3·FST similarity and λ4·distillation for
-    reduced-resolution models."""
+    """L = CE_key + λ1·CE_reuse + λ2·L_pc (eq. 12), + λ3·FST similarity for reduced-resolution models."""
     key_ce = segmentation_ce(outputs.key_logits, labels, ignore_index)
     reuse_ce = segmentation_ce(outputs.reuse_logits, labels, ignore_index)
     pc = consistency_loss(
@@ -107,9 +91,4 @@ def dcfm_loss(
     similarity = sum(feature_similarity_loss(low, high)
                      for low, high in zip(outputs.lowres_fused, outputs.lowres_targets)) / len(outputs.lowres_fused)
     total = total + weights.similarity * similarity
-    if not weights.distill:
-        return LossTerms(total, key_ce.detach(), reuse_ce.detach(), pc.detach(), similarity.detach())
-    distill = sum(distillation_loss(student, teacher)
-                  for student, teacher in zip(outputs.lowres_logits, outputs.lowres_teachers)) / len(outputs.lowres_logits)
-    total = total + weights.distill * distill
-    return LossTerms(total, key_ce.detach(), reuse_ce.detach(), pc.detach(), similarity.detach(), distill.detach())
+    return LossTerms(total, key_ce.detach(), reuse_ce.detach(), pc.detach(), similarity.detach())

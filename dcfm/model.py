@@ -132,10 +132,6 @@ class PairOutput:
     # U as non-key of L) and the full-resolution keyframe fused features they are pulled towards (FST-style).
     lowres_fused: tuple[torch.Tensor, ...] = ()
     lowres_targets: tuple[torch.Tensor, ...] = ()
-    # nonkey_scale < 1 only: the logits of the low-resolution non-key passes (L as non-key of U, U as non-key of
-    # L) and the full-resolution keyframe logits of the same frames (S_L, Dec(F_U)), for the distillation term.
-    lowres_logits: tuple[torch.Tensor, ...] = ()
-    lowres_teachers: tuple[torch.Tensor, ...] = ()
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -360,10 +356,9 @@ class DCFM(nn.Module):
         lowres = self.independent_lowres(torch.cat([labeled, neighbour]))
         low_reuse_l = self.fuse_lowres(com_u, lowres[:batch])
         low_reuse_u = self.fuse_lowres(com_l, lowres[batch:])
-        reuse_logits, low_logits_u = self.decode(torch.cat([low_reuse_l, low_reuse_u])).split(batch)
+        reuse_logits = self.decode(low_reuse_l)
         return PairOutput(key_logits, reuse_logits, fused_l, fused_u, neighbour_logits,
-                          lowres_fused=(low_reuse_l, low_reuse_u), lowres_targets=(fused_l, fused_u),
-                          lowres_logits=(reuse_logits, low_logits_u), lowres_teachers=(key_logits, neighbour_logits))
+                          lowres_fused=(low_reuse_l, low_reuse_u), lowres_targets=(fused_l, fused_u))
 
     def forward(self, images: torch.Tensor, neighbour: torch.Tensor | None = None) -> torch.Tensor | PairOutput:
         """Per-frame logits at the input size (every frame a keyframe); with ``neighbour``, the training pair.

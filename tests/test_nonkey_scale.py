@@ -111,36 +111,6 @@ def test_half_scale_training_loss_reaches_the_cross_resolution_fusion() -> None:
     assert model.cross_resolution.conv[0].weight.grad.abs().sum() > 0
 
 
-def test_distillation_pulls_both_low_resolution_passes_towards_the_keyframe_logits() -> None:
-    """λ4 > 0 adds KL(keyframe logits || low-resolution non-key logits) of the same frame, for the labelled frame
-    and the unlabelled neighbour alike; the keyframe side is the reference and gets no gradient from it."""
-    from dcfm.losses import distillation_loss
-
-    model = make("resnet18", 0.5).train()
-    gen = torch.Generator().manual_seed(0)
-    labeled, neighbour = torch.randn(2, 3, H, W, generator=gen), torch.randn(2, 3, H, W, generator=gen)
-    labels = torch.randint(0, 5, (2, H, W), generator=gen)
-    out = model(labeled, neighbour)
-    assert [t.shape for t in out.lowres_logits] == [out.reuse_logits.shape] * 2
-    assert out.lowres_teachers[0] is out.key_logits and out.lowres_teachers[1] is out.neighbour_logits
-    assert dcfm_loss(out, labels, LossWeights(0.4, 10.0)).distill is None  # off by default: the first loss
-    terms = dcfm_loss(out, labels, LossWeights(0.4, 10.0, distill=2.0))
-    plain = dcfm_loss(out, labels, LossWeights(0.4, 10.0))
-    expected = (distillation_loss(out.lowres_logits[0], out.key_logits)
-                + distillation_loss(out.lowres_logits[1], out.neighbour_logits)) / 2
-    torch.testing.assert_close(terms.distill, expected.detach())
-    torch.testing.assert_close(terms.total, plain.total + 2.0 * expected)
-    # KL is zero for identical distributions and positive otherwise; the teacher is detached.
-    logits = torch.randn(2, 5, 4, 6, generator=gen)
-    assert distillation_loss(logits, logits).abs() < 1e-6 and distillation_loss(logits, logits.flip(1)) > 0
-    student, teacher = logits.clone().requires_grad_(), logits.flip(1).clone().requires_grad_()
-    distillation_loss(student, teacher).backward()
-    assert teacher.grad is None and student.grad.abs().sum() > 0
-    # The teacher on a finer grid is area-resampled to the student's.
-    fine = torch.nn.functional.interpolate(logits, scale_factor=2.0, mode="nearest")
-    assert distillation_loss(logits, fine).abs() < 1e-6
-
-
 def test_half_scale_checkpoint_round_trips(tmp_path, frames) -> None:
     from dcfm.train.recipe import OptimConfig, PairBatch, build_optimizer, train_step
 

@@ -104,8 +104,6 @@ def _as_recorded_today(recorded: dict[str, Any], config: TrainJobConfig) -> dict
     if isinstance(loss, dict) and "similarity" not in loss and recorded["nonkey_scale"] == 1.0 and config.loss:
         # λ3 weighs a term full-resolution models do not have: any value trains the same weights.
         recorded["loss"] = {**loss, "similarity": config.loss.similarity}
-    if isinstance(recorded.get("loss"), dict):
-        recorded["loss"] = {"distill": 0.0, **recorded["loss"]}  # before λ4, no run distilled
     return recorded
 
 

@@ -80,24 +80,21 @@ class _Window:
         self.start = time.perf_counter()
         self.data_seconds = 0.0
         self.steps = 0
-        self.sums: torch.Tensor | None = None  # total, key CE, reuse CE, consistency, similarity, distillation
+        self.sums: torch.Tensor | None = None  # total, key CE, reuse CE, consistency, similarity
         self.has_similarity = False
-        self.has_distill = False
 
     def add(self, terms) -> None:
         self.steps += 1
         similarity = terms.similarity if terms.similarity is not None else torch.zeros_like(terms.total)
-        distill = terms.distill if terms.distill is not None else torch.zeros_like(terms.total)
         self.has_similarity = terms.similarity is not None
-        self.has_distill = terms.distill is not None
         step_terms = torch.stack([terms.total.detach(), terms.key_ce, terms.reuse_ce, terms.consistency,
-                                  similarity, distill]).to(torch.float64)
+                                  similarity]).to(torch.float64)
         self.sums = step_terms if self.sums is None else self.sums + step_terms
 
 
 def _metrics(window: _Window, step: int, config: TrainJobConfig, world: int, lr: float,
              epoch: float) -> dict[str, float]:
-    sums = window.sums.clone() if window.sums is not None else torch.zeros(6, dtype=torch.float64)
+    sums = window.sums.clone() if window.sums is not None else torch.zeros(5, dtype=torch.float64)
     if world > 1:  # the mean over all workers' batches, not rank 0's alone
         dist.all_reduce(sums)
         sums /= world
@@ -111,14 +108,11 @@ def _metrics(window: _Window, step: int, config: TrainJobConfig, world: int, lr:
     }
     if window.has_similarity:  # reduced-resolution models only: the FST term (λ3)
         row["similarity"] = sums[4]
-    if window.has_distill:  # reduced-resolution models with λ4 > 0: the distillation term
-        row["distill"] = sums[5]
     return row
 
 
 def _similarity_part(row: dict[str, float]) -> str:
-    sim = f" sim {row['similarity']:.5f}" if "similarity" in row else ""
-    return sim + (f" kd {row['distill']:.4f}" if "distill" in row else "")
+    return f" sim {row['similarity']:.5f}" if "similarity" in row else ""
 
 
 @dataclass
