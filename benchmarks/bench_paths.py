@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from dcfm.devices import describe_host
 from dcfm.model import DCFM, DCFMConfig, upsample_logits
 
 
@@ -65,7 +66,8 @@ def main() -> None:
     parser.add_argument("--nonkey-scales", default="1.0,0.5", help="non-keyframe resolution scales (default 1.0,0.5)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}, batch 1, {args.classes} classes")
+    print(f"host: {describe_host()}")
+    print(f"threads {torch.get_num_threads()}, device {device}, batch 1, {args.classes} classes")
     header = ("| backbone | size | non-key scale | key ms | non-key ms | non-key/key | post ms "
               "| avg ms/frame k=2 (incl. post) | k=6 |")
     print(header)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcfm.devices import describe_host
 from dcfm.postprocess import frame_labels
 from dcfm.model import DCFM, DCFMConfig, upsample_logits
 from dcfm.synth import SynthConfig, render_video
@@ -195,6 +196,7 @@ def main() -> None:
     parser.add_argument("--model-size", default=f"{MODEL_SIZE[0]}x{MODEL_SIZE[1]}",
                         help="model input HxW of the ceiling run (default %(default)s; smaller for a smoke test)")
     args = parser.parse_args()
+    print(f"host: {describe_host()}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="dcfm-post-"))
     try:
         sources = {}

@@ -30,6 +30,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import torch
 
+from dcfm.devices import describe_host
 from dcfm.checkpoint import ModelCard, save_checkpoint
 from dcfm.inference import KeyframePolicy
 from dcfm.model import DCFM, DCFMConfig
@@ -202,6 +203,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    print(f"host: {describe_host()}", flush=True)
     if args.chunks_of:
         print(f"{run_chunks(args.chunks_of, args.checkpoint, args.chunk, args.output):.2f}")
         return

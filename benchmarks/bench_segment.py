@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dcfm.devices import describe_host
 from dcfm.checkpoint import ModelCard, save_checkpoint
 from dcfm.inference import KeyframePolicy
 from dcfm.model import DCFM, IMAGENET_MEAN, IMAGENET_STD, DCFMConfig, upsample_logits
@@ -105,6 +106,7 @@ def main() -> None:
     parser.add_argument("--skip-plain", action="store_true", help="no plain-loop baseline")
     parser.add_argument("--skip-memory", action="store_true", help="no actor-memory runs")
     args = parser.parse_args()
+    print(f"host: {describe_host()}", flush=True)
     h, w = (int(v) for v in args.size.split("x"))
     work = Path(tempfile.mkdtemp(prefix="dcfm-bench-"))
     torch.manual_seed(0)

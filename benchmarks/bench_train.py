@@ -29,6 +29,7 @@ import os
 import time
 from pathlib import Path
 
+from dcfm.devices import describe_host
 from dcfm.evaluate.config import EvaluateJobConfig
 from dcfm.evaluate.job import run_evaluate_job
 from dcfm.losses import LossWeights
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None,
                         help="train every model this many steps on 1 worker (skips the throughput runs and --minutes)")
     args = parser.parse_args(argv)
+    print(f"host: {describe_host()}", flush=True)
 
     import ray
 
