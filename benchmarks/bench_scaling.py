@@ -203,10 +203,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    print(f"host: {describe_host()}", flush=True)
     if args.chunks_of:
         print(f"{run_chunks(args.chunks_of, args.checkpoint, args.chunk, args.output):.2f}")
         return
+    print(f"host: {describe_host()}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="dcfm-scaling-"))
     start_ray()
     try:
