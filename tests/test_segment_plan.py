@@ -163,3 +163,37 @@ def test_planning_does_not_import_torch() -> None:
     costs seconds of CPU each, taken from the actors on a small node."""
     code = "import sys, dcfm.segment.plan; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_actor_settings_travel_as_plain_json_and_come_back_equal() -> None:
+    """The pipeline hands actors their settings as JSON (Ray Data's stats actor sees operator arguments and
+    must not have to import torch to read them); every field, enums and nested policies included, survives."""
+    import json
+
+    from dcfm.faults import RetryPolicy
+    from dcfm.inference import KeyframeScore, ReuseMode
+    from dcfm.segment.actor import ActorSettings
+    from dcfm.segment.config import MaskResolution
+
+    settings = ActorSettings("s3://b/ckpt", "abc", "s3://b/out", "run1",
+                             KeyframePolicy(adaptive=True, max_interval=8, score=KeyframeScore.FEATURE),
+                             ReuseMode.BIDIRECTIONAL, (96, 160), MaskResolution.SOURCE, 4, "cuda", 3,
+                             reuse_staged=False, retry=RetryPolicy(attempts=2, first_delay_s=0.5, max_delay_s=1.0))
+    text = settings.to_json()
+    assert "Enum" not in text and isinstance(json.loads(text), dict)
+    assert ActorSettings.from_json(text) == settings
+
+
+def test_a_videos_largest_chunks_are_handed_out_first(tmp_path) -> None:
+    """Seek points every 12 frames make 16-frame chunks unequal (13, 25, 13, 16 frames to decode, in frame
+    order); the pool gets them largest first, so the video's last chunks, which decide when its actors finish,
+    are its smallest. Every frame is still planned once."""
+    from dcfm.segment.plan import plan_video
+    from tests.videos import write_test_video
+
+    video = write_test_video(tmp_path / "v.mp4", 64, gop=12)
+    tasks = [ChunkTask.from_json(row["task"])
+             for row in plan_video({"video_id": "v", "uri": str(video)}, chunk_frames=16, lead_in=0)]
+    assert [t.decode_stop - t.lead_start for t in tasks] == [25, 16, 13, 13]
+    assert [t.chunk_index for t in tasks] == [1, 3, 0, 2] and {t.num_chunks for t in tasks} == {4}
+    assert sorted(i for t in tasks for i in range(t.start, t.stop)) == list(range(64))

@@ -57,6 +57,20 @@ class ActorSettings:
     reuse_staged: bool = True
     retry: RetryPolicy = field(default_factory=RetryPolicy)  # transient storage failures, per chunk
 
+    def to_json(self) -> str:
+        """Plain JSON. The pipeline hands actors this rather than the dataclass: Ray Data ships its operators'
+        arguments to its stats actor, which would otherwise unpickle these enums and import torch to do so
+        (~5 CPU-seconds taken from the actors at the start of every run on a fresh Ray)."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ActorSettings:
+        data = json.loads(text)
+        return cls(**{**data, "keyframes": KeyframePolicy(**data["keyframes"]), "mode": ReuseMode(data["mode"]),
+                      "resolution": tuple(data["resolution"]),
+                      "mask_resolution": MaskResolution(data["mask_resolution"]),
+                      "retry": RetryPolicy(**data["retry"])})
+
 
 @dataclass
 class ChunkSummary:
@@ -87,6 +101,7 @@ class ChunkSummary:
     # Unix time the actor that ran this chunk had its model loaded. Wall clock, because the driver must
     # compare it with its own start; nodes of one cluster agree to well under a second (NTP).
     actor_ready_at: float = 0.0
+    started_at: float = 0.0  # Unix time the actor began the chunk (same clock)
     # The actor that computed the chunk: Ray node id and process id.
     node_id: str = ""
     pid: int = 0
@@ -167,7 +182,10 @@ def class_pixels(labels: np.ndarray) -> list[dict[str, int]]:
 class ChunkSegmenter:
     """Callable class for ``Dataset.map_batches``: one model per actor, one summary row per chunk."""
 
-    def __init__(self, settings: ActorSettings) -> None:
+    def __init__(self, settings: ActorSettings | str) -> None:
+        """``settings``: the dataclass, or its ``to_json`` (what the pipeline passes)."""
+        if isinstance(settings, str):
+            settings = ActorSettings.from_json(settings)
         self.settings = settings
         torch.set_num_threads(max(1, settings.threads))
         self.device = pick_device(settings.device)
@@ -198,6 +216,7 @@ class ChunkSegmenter:
             task.video_id, redact(task.uri), task.chunk_index, task.num_chunks, status="ok", start=task.start,
             stop=task.stop, probe=asdict(task.probe) if task.probe else None, actor_ready_at=self.ready_at,
             node_id=self.node_id, pid=self.pid, extra={"plan_note": task.plan_note} if task.plan_note else {},
+            started_at=time.time(),
         )
         if task.error is not None:
             return replace(base, status="failed", error=asdict(task.error))

@@ -68,7 +68,8 @@ class JobSummary:
     # whatever the corpus size.
     startup_s: float = 0.0
     actor_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ACTOR_STAGES, 0.0))
-    # From the first chunk an actor started until the last chunk finished: the work itself, without start-up.
+    # From the first chunk an actor started (its wall clock) until the driver had the last chunk: the work
+    # itself, without start-up.
     work_s: float = 0.0
     # "node_id:pid" -> chunks, frames and busy seconds of each actor that computed chunks
     actors: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -250,12 +251,13 @@ def _run_segment_job(config: SegmentJobConfig, log: Callable[[str], None], stack
         state.summaries.append(chunk)
         summary.chunks += 1
         summary.frames += chunk.frames
-        now = time.perf_counter()
         if chunk.reused:
             summary.reused_chunks += 1
         elif chunk.frames:
-            first_start = min(first_start or now, now - chunk.seconds)
-            last_end = now
+            # Wall clock, from the actor's own start of the chunk: the driver hears of the first chunk only
+            # when it ends, possibly late (Ray Data hands its first output over after a delay).
+            first_start = min(first_start or chunk.started_at, chunk.started_at)
+            last_end = time.time()
             summary.peak_actor_rss_mb = max(summary.peak_actor_rss_mb, chunk.peak_rss_mb)
             ready_s = chunk.actor_ready_at - started.timestamp()
             summary.startup_s = min(summary.startup_s, ready_s) if summary.startup_s else ready_s
@@ -406,7 +408,7 @@ def _pipeline(todo: list[InputItem], config: SegmentJobConfig, settings: ActorSe
                   num_cpus=0, compute=TaskPoolStrategy(size=min(config.probe_concurrency, len(items))))
         .map_batches(
             ChunkSegmenter,
-            fn_constructor_kwargs={"settings": settings},
+            fn_constructor_kwargs={"settings": settings.to_json()},
             # One chunk in flight per actor: a free actor takes the next chunk, so uneven chunks (merged
             # ones, a video's short last chunk) do not queue behind each other on one actor.
             compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors,
