@@ -51,8 +51,10 @@ MODELS = {  # name -> (loss weights, max_delta, non-key scale); every model draw
     "dcfm-delta1-5": (LossWeights(0.4, 10.0), 5, 1.0),
     "per-frame": (LossWeights(0.0, 0.0), None, 1.0),
     "dcfm-s0.5": (LossWeights(0.4, 10.0, similarity=10.0), None, 0.5),  # AR-Seg: non-keyframes at half size
-    # Screening variants of the half-size model's loss (BENCHMARKS.md, issue 11): a 10x stronger FST term.
+    # Variants of the half-size model (BENCHMARKS.md, issue 11): a 10x stronger FST term; the neighbour drawn
+    # 1..5 frames away, so the low-resolution branch is trained on the gaps k = 6 has at inference.
     "dcfm-s0.5-sim100": (LossWeights(0.4, 10.0, similarity=100.0), None, 0.5),
+    "dcfm-s0.5-delta1-5": (LossWeights(0.4, 10.0, similarity=10.0), 5, 0.5),
 }
 
 
