@@ -8,8 +8,7 @@ Times, for batch 1 under torch.inference_mode():
   nonkey  = shallow + FFM(cached keyframe term) + head   (what ClipSegmenter runs on a non-keyframe);
             at a non-key scale s < 1 (a model trained for it): resizing the frame by s + shallow on it + the
             cross-resolution correction + FFM(keyframe term aligned to the low-res grid, cached per keyframe)
-            + head, the non-key logits being coarser; with ``--lowres-alignment flow`` also the motion query,
-            the local correlation and the warp of the term (per frame; the keyframe's keys are cached with it)
+            + head, the non-key logits being coarser
   post    = bilinear upsampling of the logits to the input size + softmax/argmax (paid by every frame)
 and prints the ratio nonkey/key and the paper's average per-frame cost (T_key + (k-1) T_nonkey) / k.
 """
@@ -40,9 +39,8 @@ def median_seconds(fn, repeats: int, device: torch.device = torch.device("cpu"))
 
 
 def bench(backbone: str, size: tuple[int, int], repeats: int, classes: int, scale: float = 1.0,
-          device: torch.device = torch.device("cpu"), alignment: str = "resample") -> dict[str, float]:
-    model = DCFM(DCFMConfig(backbone=backbone, num_classes=classes, nonkey_scale=scale,
-                            lowres_alignment=alignment if scale < 1 else "resample")).eval().to(device)
+          device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    model = DCFM(DCFMConfig(backbone=backbone, num_classes=classes, nonkey_scale=scale)).eval().to(device)
     image = torch.randn(1, 3, *size, device=device)
     with torch.inference_mode():
         key = model.forward_keyframe(image)
@@ -52,14 +50,8 @@ def bench(backbone: str, size: tuple[int, int], repeats: int, classes: int, scal
             t_nonkey = median_seconds(lambda: model.logits_from_term(term, model.independent(image)), repeats, device)
         else:
             aligned = model.align_term(term, model.independent_lowres(image))  # once per keyframe, as inference
-            keys = model.keyframe_keys(key.independent, term)  # once per keyframe; None unless flow
-
-            def nonkey() -> torch.Tensor:
-                independent = model.independent_lowres(image)
-                warped = aligned if keys is None else model.warp_term(aligned, keys, independent)
-                return model.logits_from_term(warped, independent)
-
-            t_nonkey = median_seconds(nonkey, repeats, device)
+            t_nonkey = median_seconds(lambda: model.logits_from_term(aligned, model.independent_lowres(image)),
+                                      repeats, device)
         t_post = median_seconds(lambda: upsample_logits(key.logits, size)[0].softmax(0).max(0), repeats, device)
     return {"key": t_key, "nonkey": t_nonkey, "post": t_post}
 
@@ -72,13 +64,10 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=19)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--nonkey-scales", default="1.0,0.5", help="non-keyframe resolution scales (default 1.0,0.5)")
-    parser.add_argument("--lowres-alignment", choices=["resample", "flow"], default="resample",
-                        help="keyframe term alignment of the scales below 1 (default resample)")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"host: {describe_host()}")
-    print(f"threads {torch.get_num_threads()}, device {device}, batch 1, {args.classes} classes, "
-          f"lowres alignment {args.lowres_alignment}")
+    print(f"threads {torch.get_num_threads()}, device {device}, batch 1, {args.classes} classes")
     header = ("| backbone | size | non-key scale | key ms | non-key ms | non-key/key | post ms "
               "| avg ms/frame k=2 (incl. post) | k=6 |")
     print(header)
@@ -87,7 +76,7 @@ def main() -> None:
         for text in args.sizes.split(","):
             h, w = (int(v) for v in text.split("x"))
             for scale in (float(v) for v in args.nonkey_scales.split(",")):
-                t = bench(backbone, (h, w), args.repeats, args.classes, scale, device, args.lowres_alignment)
+                t = bench(backbone, (h, w), args.repeats, args.classes, scale, device)
                 avg = {k: (t["key"] + (k - 1) * t["nonkey"]) / k + t["post"] for k in (2, 6)}
                 print(
                     f"| {backbone} | {h}x{w} | {scale:g} | {t['key'] * 1e3:.1f} | {t['nonkey'] * 1e3:.1f} | "

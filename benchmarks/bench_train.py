@@ -28,7 +28,6 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 from dcfm.devices import describe_host
 from dcfm.evaluate.config import EvaluateJobConfig
@@ -47,32 +46,20 @@ def corpus(path: Path, videos: int, frames: int, size: tuple[int, int], seed: in
     return path
 
 
-class Model(NamedTuple):
-    """What a benchmarked training run varies; every model draws the neighbour's sign per visit."""
-
-    loss: LossWeights
-    max_delta: int | None
-    nonkey_scale: float
-    lowres_alignment: str = "resample"  # reduced-resolution models: "resample" or "flow" (TrainJobConfig)
-
-
-MODELS = {
-    "dcfm": Model(LossWeights(0.4, 10.0), None, 1.0),
-    "dcfm-delta1-5": Model(LossWeights(0.4, 10.0), 5, 1.0),
-    "per-frame": Model(LossWeights(0.0, 0.0), None, 1.0),
-    "dcfm-s0.5": Model(LossWeights(0.4, 10.0, similarity=10.0), None, 0.5),  # AR-Seg: non-keyframes at half size
-    # Screening variants of the half-size model (BENCHMARKS.md, issue 11): a 10x stronger FST term; the keyframe
-    # term warped by the learned feature-correlation flow instead of only resampled.
-    "dcfm-s0.5-sim100": Model(LossWeights(0.4, 10.0, similarity=100.0), None, 0.5),
-    "dcfm-s0.5-flow": Model(LossWeights(0.4, 10.0, similarity=10.0), None, 0.5, "flow"),
-    "dcfm-s0.5-delta1-5": Model(LossWeights(0.4, 10.0, similarity=10.0), 5, 0.5),
-    "dcfm-s0.5-flow-delta1-5": Model(LossWeights(0.4, 10.0, similarity=10.0), 5, 0.5, "flow"),
+MODELS = {  # name -> (loss weights, max_delta, non-key scale); every model draws the neighbour's sign per visit
+    "dcfm": (LossWeights(0.4, 10.0), None, 1.0),
+    "dcfm-delta1-5": (LossWeights(0.4, 10.0), 5, 1.0),
+    "per-frame": (LossWeights(0.0, 0.0), None, 1.0),
+    "dcfm-s0.5": (LossWeights(0.4, 10.0, similarity=10.0), None, 0.5),  # AR-Seg: non-keyframes at half size
+    # Variants of the half-size model (BENCHMARKS.md, issue 11): a 10x stronger FST term; the neighbour drawn
+    # 1..5 frames away, so the low-resolution branch is trained on the gaps k = 6 has at inference.
+    "dcfm-s0.5-sim100": (LossWeights(0.4, 10.0, similarity=100.0), None, 0.5),
+    "dcfm-s0.5-delta1-5": (LossWeights(0.4, 10.0, similarity=10.0), 5, 0.5),
 }
 
 
 def train(args, data: Path, output: Path, steps: int, workers: int, loss: LossWeights | None,
-          checkpoints: int = 4, max_delta: int | None = None, nonkey_scale: float = 1.0,
-          lowres_alignment: str = "resample") -> dict:
+          checkpoints: int = 4, max_delta: int | None = None, nonkey_scale: float = 1.0) -> dict:
     """Train with `dcfm train`'s job; pairs/s is the mean of the logged intervals after the first (warm-up)."""
     cpus = max(1, (os.cpu_count() or 2) // workers)
     config = TrainJobConfig(
@@ -80,8 +67,7 @@ def train(args, data: Path, output: Path, steps: int, workers: int, loss: LossWe
         augment=AugmentConfig(crop=args.size, scale=(1.0, 1.5)),
         optim=OptimConfig(name="adamw", lr=1e-3, decoder_lr_mult=1.0, weight_decay=1e-4,
                           warmup_steps=max(1, steps // 20)),
-        loss=loss, max_delta=max_delta, nonkey_scale=nonkey_scale, lowres_alignment=lowres_alignment,
-        workers=workers, cpus_per_worker=cpus,
+        loss=loss, max_delta=max_delta, nonkey_scale=nonkey_scale, workers=workers, cpus_per_worker=cpus,
         checkpoint_every=max(steps // checkpoints, 1), log_every=max(1, steps // 20),
     )
     start = time.perf_counter()
@@ -167,10 +153,9 @@ def main(argv: list[str] | None = None) -> int:
 
     runs, rows, evaluations = {}, {}, []
     for name in args.models.split(","):
-        model = MODELS[name]
+        weights, max_delta, scale = MODELS[name]
         output = work / f"{name}-{tag}-{stamp}"
-        runs[name] = train(args, train_data, output, steps, best, model.loss, max_delta=model.max_delta,
-                           nonkey_scale=model.nonkey_scale, lowres_alignment=model.lowres_alignment)
+        runs[name] = train(args, train_data, output, steps, best, weights, max_delta=max_delta, nonkey_scale=scale)
         evaluation = work / f"eval-{name}-{tag}-{stamp}"
         # The last model's accuracy_vs_speed.png draws every model (one line per mode and non-key scale).
         rows[name] = evaluate(runs[name]["final_checkpoint"], held_out, evaluation, list(evaluations))

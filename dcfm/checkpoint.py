@@ -22,7 +22,7 @@ from safetensors.torch import save as save_safetensors
 from dcfm import storage
 from dcfm.classes import default_class_names, default_palette
 from dcfm.data import IGNORE_INDEX
-from dcfm.model import DCFM, IMAGENET_MEAN, IMAGENET_STD, DCFMConfig, LowresAlignment, LowresCorrection
+from dcfm.model import DCFM, IMAGENET_MEAN, IMAGENET_STD, DCFMConfig, LowresCorrection
 
 CHECKPOINT_FORMAT = "dcfm-checkpoint/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -79,9 +79,6 @@ class ModelCard:
             # Reduced-resolution cards written before the correction was selectable were trained with the first
             # (depthwise) one; their weights load into that architecture.
             recorded.setdefault("lowres_correction", LowresCorrection.DEPTHWISE.value)
-        # Before the alignment was selectable every model resampled the keyframe term; spelt out so that a later
-        # change of the default cannot reinterpret old cards.
-        recorded.setdefault("lowres_alignment", LowresAlignment.RESAMPLE.value)
         config = DCFMConfig.from_dict(recorded)
         # Cards from before names and colours were recorded still load, with the documented defaults.
         names = data.get("class_names") or default_class_names(config.num_classes)
@@ -171,11 +168,9 @@ def load_checkpoint(uri: str | os.PathLike, device: torch.device | str = "cpu") 
     except RuntimeError as err:
         reduced = card.config.nonkey_scale < 1
         bridge = (f", non-key scale {card.config.nonkey_scale:g} with lowres_correction "
-                  f"{card.config.lowres_correction.value!r} and lowres_alignment "
-                  f"{card.config.lowres_alignment.value!r}" if reduced else "")
-        hint = (f"; a reduced-resolution card must name the correction and the alignment its weights were trained "
-                f"with (cards without the fields mean {LowresCorrection.DEPTHWISE.value!r} and "
-                f"{LowresAlignment.RESAMPLE.value!r})" if reduced else "")
+                  f"{card.config.lowres_correction.value!r}" if reduced else "")
+        hint = (f"; a reduced-resolution card must name the correction its weights were trained with (cards "
+                f"without the field mean {LowresCorrection.DEPTHWISE.value!r})" if reduced else "")
         raise CheckpointError(
             f"{uri}: weights do not fit the architecture in {CARD_FILE} "
             f"(backbone {card.config.backbone!r}, {card.config.num_classes} classes{bridge}){hint}: {err}"

@@ -12,9 +12,7 @@ so a non-keyframe costs only the shallow layers, a thin conv, BN, the norm and t
 
 A model trained with ``nonkey_scale`` s < 1 runs its non-keyframes on frames resized by s (AR-Seg's altered
 resolution): the keyframe term is aligned once per keyframe to the low-resolution grid, the non-key logits are
-coarser and are upsampled to the output size like any others. Keyframes always run at full resolution. A model
-with flow alignment (``lowres_alignment="flow"``) also caches motion keys per keyframe and warps the aligned term
-once per (frame, keyframe) pair, batched like the rest of the fusion.
+coarser and are upsampled to the output size like any others. Keyframes always run at full resolution.
 
 Keyframe policies: a fixed interval (optionally with a ``phase``: keyframes where ``index % interval == phase``,
 the frames before the first one using the next keyframe only), adaptive (a distance threshold), or ``codec``:
@@ -127,8 +125,7 @@ class FrameResult:
 class _Keyframe:
     index: int
     term: torch.Tensor  # 1 x C x h x w, FeatureFusion.keyframe_term(f_com)
-    aligned: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # term resampled to low-res grids
-    keys: torch.Tensor | None = None  # flow-aligned models: DCFM.keyframe_keys on the term's grid
+    aligned: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # term on low-res grids
 
 
 @dataclass
@@ -257,11 +254,7 @@ class ClipSegmenter:
             if key_positions:
                 terms = model.fusion.keyframe_term(model.common(key_independent))
                 state.deep_frames += len(key_positions)
-                keys = model.keyframe_keys(key_independent, terms) if model.aligns_by_flow else None
-                keyframes += [
-                    _Keyframe(frames[j].index, terms[n : n + 1], keys=keys[n : n + 1] if keys is not None else None)
-                    for n, j in enumerate(key_positions)
-                ]
+                keyframes += [_Keyframe(frames[j].index, terms[n : n + 1]) for n, j in enumerate(key_positions)]
             state.output_size = self.config.output_size or (images.shape[-2], images.shape[-1])
             results = self._resolve(state.pending + frames, keyframes, state)
             state.last_key = keyframes[-1] if keyframes else None
@@ -403,19 +396,13 @@ class ClipSegmenter:
             if not positions:
                 continue
             terms = torch.cat([self._term_for(*pairs[n]) for n in positions])
-            independent = torch.cat([pairs[n][0].independent for n in positions])
-            if not want_key and self.model.aligns_by_flow:
-                # The warp depends on the frame as well as the keyframe: once per pair, all pairs in one batch.
-                keys = torch.cat([pairs[n][1].keys for n in positions])  # type: ignore[misc]
-                terms = self.model.warp_term(terms, keys, independent)
-            logits = self.model.logits_from_term(terms, independent)
+            logits = self.model.logits_from_term(terms, torch.cat([pairs[n][0].independent for n in positions]))
             for m, n in enumerate(positions):
                 out[n] = logits[m : m + 1]
         return out
 
     def _term_for(self, frame: _Frame, ref: _Keyframe) -> torch.Tensor:
-        """The keyframe term on the frame's grid, resampled once per keyframe and grid (flow-aligned models warp
-        it per frame afterwards, in ``_lowres_logits``)."""
+        """The keyframe term on the frame's grid, aligned once per keyframe and grid."""
         if frame.is_keyframe:
             return ref.term
         size = tuple(frame.independent.shape[-2:])

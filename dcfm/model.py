@@ -14,13 +14,10 @@ keyframe's cached fusion term to the low-resolution independent feature by area 
 residual corrects the low-resolution independent feature (its statistics differ from the full-resolution one's
 the FFM was fitted to): a 3x3 conv over all channels of the low-resolution f_ind, BN, ReLU, 1x1 conv, BN
 (``LowresCorrection.CONV``; the first version, a depthwise 3x3 + BN on the used half, stays loadable as
-``DEPTHWISE``). In place of AR-Seg's motion-vector warping and local attention there is an optional, cheap
-feature-correlation flow (``lowres_alignment="flow"``, ``LowresAlignment.FLOW``): a local correlation of 32-channel
-embeddings of the keyframe's and the non-keyframe's shallow features gives a per-position displacement, and the
-keyframe term is warped by it. It is not the default yet: it is to be screened against plain resampling, which
-stays the default (``RESAMPLE``, DCFM's own reuse without alignment). Training adds an FST-style similarity loss
-between the low-resolution non-key fused feature and the (detached) full-resolution keyframe fused feature of the
-same frame. s = 1 builds no extra module and runs exactly the original code.
+``DEPTHWISE``). AR-Seg's motion-vector warping and local attention are left out, since DCFM reuses common
+features without alignment. Training adds an FST-style similarity loss between the low-resolution non-key fused
+feature and the (detached) full-resolution keyframe fused feature of the same frame. s = 1 builds no extra module
+and runs exactly the original code.
 
 METHOD notes, where this code departs from the authors' official code, and why:
 
@@ -31,9 +28,8 @@ METHOD notes, where this code departs from the authors' official code, and why:
   on half-size passes only gains 0.4-0.5 points) and the capacity of the correction (the conv correction gains
   1.2-1.4 points over the depthwise one at the benchmark's full budget). The loss is concentrated in small objects
   (car, person). A frame twice as large (128x256, 400 steps) shrank the k = 6 gap only from 2.9 to 2.1 points, and
-  distilling the keyframe logits into the half-size pass gained nothing. What remained was what AR-Seg has and the
-  first design left out: aligning the keyframe's features to the current frame (motion-vector warping, local
-  attention). ``LowresAlignment.FLOW`` is the cheap analogue, opt-in until it is screened.
+  distilling the keyframe logits into the half-size pass gained nothing. What remains is what AR-Seg has and this
+  design leaves out: aligning the keyframe's features to the current frame (motion-vector warping, local attention).
 
 * L2 norm and the channel half: the official code L2-normalises all of f_ind, then the FFM takes its first half;
   here the half is taken first and normalised by itself. Kept: the used channels then have unit norm whatever
@@ -50,7 +46,6 @@ METHOD notes, where this code departs from the authors' official code, and why:
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
@@ -77,19 +72,6 @@ class LowresCorrection(str, Enum):
     DEPTHWISE = "depthwise"
 
 
-class LowresAlignment(str, Enum):
-    """How ``CrossResolutionFusion`` brings the keyframe's cached term to a reduced-resolution non-keyframe.
-
-    ``resample`` (the default, and what every card written before the field means): area resampling to the
-    non-key grid only, no motion alignment. ``flow``: resample, then warp the term by a displacement field
-    estimated from a local correlation of learned embeddings of both frames' shallow features (see
-    ``CrossResolutionFusion``); adds a 1x1 conv and a temperature to the bridge.
-    """
-
-    RESAMPLE = "resample"
-    FLOW = "flow"
-
-
 @dataclass
 class DCFMConfig:
     """Architecture of a DCFM network. ``None`` widths take the backbone family's official default."""
@@ -105,8 +87,6 @@ class DCFMConfig:
     nonkey_scale: float = 1.0
     # The cross-resolution fusion's learned correction (s < 1 only; see LowresCorrection).
     lowres_correction: LowresCorrection = LowresCorrection.CONV
-    # How the keyframe term is aligned to a reduced-resolution non-keyframe (s < 1 only; see LowresAlignment).
-    lowres_alignment: LowresAlignment = LowresAlignment.RESAMPLE
 
     def __post_init__(self) -> None:
         if not 0 < float(self.nonkey_scale) <= 1:
@@ -117,16 +97,10 @@ class DCFMConfig:
         except ValueError:
             raise ValueError(f"lowres_correction must be one of {[c.value for c in LowresCorrection]}, "
                              f"got {self.lowres_correction!r}") from None
-        try:
-            self.lowres_alignment = LowresAlignment(self.lowres_alignment)
-        except ValueError:
-            raise ValueError(f"lowres_alignment must be one of {[a.value for a in LowresAlignment]}, "
-                             f"got {self.lowres_alignment!r}") from None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["lowres_correction"] = self.lowres_correction.value
-        data["lowres_alignment"] = self.lowres_alignment.value
         return data
 
     @classmethod
@@ -213,62 +187,6 @@ def lowres_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
-# Search radius of the flow alignment's local correlation, in cells of the keyframe term's grid. With ResNet's
-# stride-8 term, ±3 cells are ±24 px at the model's input size: enough for the synth benchmark's ~4 px a frame over a
-# k = 6 interval (up to ~20 px at its far end). Each extra cell of radius adds 8(r+1) correlation steps.
-FLOW_RADIUS = 3
-# Width of the embeddings the correlation compares: each of its (2r+1)^2 steps then costs about a tenth of one
-# elementwise pass over the ~320-channel term, which is why the term itself is warped once, not summed per offset.
-FLOW_EMBED_CHANNELS = 32
-# The scores are cosine similarities in [-1, 1]: at temperature 10 a similarity higher by 0.2 is e^2 ~ 7x likelier,
-# a usable peak from the start that training can sharpen or soften.
-FLOW_INITIAL_TEMPERATURE = 10.0
-
-
-def soft_argmax_displacement(query: torch.Tensor, key: torch.Tensor, radius: int,
-                             temperature: torch.Tensor | float) -> torch.Tensor:
-    """Expected displacement (dy, dx) in cells, N x 2 x H x W, of ``query`` relative to ``key`` (both N x C x H x W).
-
-    Offset d at position p scores ``temperature * <query(p), key(p + d)>`` for |dy|, |dx| <= ``radius``; the result
-    is the softmax-weighted mean of the offsets. So d(p) points from p to where p's content sits in ``key``.
-    Offsets that leave the frame are excluded rather than compared with zero padding, which would otherwise beat
-    every negative similarity and pull displacements outwards at the border.
-    """
-    _, _, h, w = query.shape
-    # One offset at a time over a zero-padded key: O(C·H·W) memory per step instead of unfolding a 49x copy.
-    padded = F.pad(key, (radius, radius, radius, radius))
-    steps = torch.arange(-radius, radius + 1, device=query.device)
-    scores = []
-    for dy in range(-radius, radius + 1):
-        for dx in range(-radius, radius + 1):
-            shifted = padded[:, :, radius + dy : radius + dy + h, radius + dx : radius + dx + w]
-            scores.append((query * shifted).sum(dim=1))
-    logits = torch.stack(scores, dim=1) * temperature  # N x (2r+1)^2 x H x W, dy-major like the loop
-    rows = torch.arange(h, device=query.device)[None] + steps[:, None]  # (2r+1) x H: the key row each dy reads
-    cols = torch.arange(w, device=query.device)[None] + steps[:, None]
-    inside = (((rows >= 0) & (rows < h))[:, None, :, None] & ((cols >= 0) & (cols < w))[None, :, None, :])
-    inside = inside.reshape(1, -1, h, w)
-    # The zero offset is always inside, so no position is left without a candidate.
-    weights = logits.masked_fill(~inside, float("-inf")).softmax(dim=1)
-    offset_y, offset_x = torch.meshgrid(steps, steps, indexing="ij")
-    dy = (weights * offset_y.reshape(1, -1, 1, 1).to(weights.dtype)).sum(dim=1)
-    dx = (weights * offset_x.reshape(1, -1, 1, 1).to(weights.dtype)).sum(dim=1)
-    return torch.stack([dy, dx], dim=1)
-
-
-def warp_by_displacement(term: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
-    """``term`` (N x C x H x W) resampled so that output p = term(p + displacement(p)); displacement N x 2 x H x W
-    as (dy, dx) in cells. Bilinear, border-clamped."""
-    _, _, h, w = term.shape
-    # Cell centres in grid_sample's normalised coordinates (align_corners=False): one cell is 2/W in x, 2/H in y.
-    xs = (torch.arange(w, device=term.device, dtype=displacement.dtype) * 2 + 1) / w - 1
-    ys = (torch.arange(h, device=term.device, dtype=displacement.dtype) * 2 + 1) / h - 1
-    x = xs.view(1, 1, w) + displacement[:, 1] * (2.0 / w)
-    y = ys.view(1, h, 1) + displacement[:, 0] * (2.0 / h)
-    grid = torch.stack([x, y], dim=-1).to(term.dtype)  # grid_sample wants (x, y) = (width, height) last
-    return F.grid_sample(term, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 class CrossResolutionFusion(nn.Module):
     """CReFF-style bridge from a full-resolution keyframe to a reduced-resolution non-keyframe.
 
@@ -278,23 +196,12 @@ class CrossResolutionFusion(nn.Module):
     f_ind (``LowresCorrection``: a 3x3 conv over all its channels, BN, ReLU, 1x1 conv, BN; or, in the first
     version, a depthwise 3x3 + BN on the used half). The last BN's weight starts at zero, so an untrained bridge
     is plain resampling.
-
-    With ``LowresAlignment.FLOW`` the resampled term is then warped to the non-keyframe's content (AR-Seg aligns
-    its reference features with motion vectors and local attention; this learns the motion instead): a shared 1x1
-    conv ``motion_embed`` maps the L2-normalised used half of both frames' f_ind (the keyframe's full-resolution
-    one as ``keyframe_keys``, cached per keyframe; the non-keyframe's corrected low-resolution one as the query) to
-    32 L2-normalised channels on the term's grid; a local correlation within ``FLOW_RADIUS`` cells, a softmax
-    with a learned temperature and a soft-argmax give one displacement per position, and one bilinear
-    ``grid_sample`` warps the term. A displacement and one warp rather than an attention-weighted sum of shifted
-    terms: the sum would be (2r+1)^2 passes over the term's ~320 channels, the correlation is over 32.
     """
 
     def __init__(self, independent_channels: int, independent_used: int,
-                 kind: LowresCorrection = LowresCorrection.CONV,
-                 alignment: LowresAlignment = LowresAlignment.RESAMPLE) -> None:
+                 kind: LowresCorrection = LowresCorrection.CONV) -> None:
         super().__init__()
         self.kind = LowresCorrection(kind)
-        self.alignment = LowresAlignment(alignment)
         self.independent_used = independent_used
         if self.kind is LowresCorrection.DEPTHWISE:
             self.depthwise = nn.Conv2d(independent_used, independent_used, 3, padding=1, groups=independent_used,
@@ -310,11 +217,6 @@ class CrossResolutionFusion(nn.Module):
             )
         self.norm = nn.BatchNorm2d(independent_used)
         nn.init.zeros_(self.norm.weight)
-        if self.alignment is LowresAlignment.FLOW:
-            # Shared by both frames, so that matching embeddings means matching content whatever the resolution.
-            self.motion_embed = nn.Conv2d(independent_used, FLOW_EMBED_CHANNELS, 1, bias=False)
-            # Stored as a log so that it stays positive under any update.
-            self.log_temperature = nn.Parameter(torch.tensor(math.log(FLOW_INITIAL_TEMPERATURE)))
 
     @staticmethod
     def align(keyframe_term: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -330,29 +232,6 @@ class CrossResolutionFusion(nn.Module):
         if self.kind is LowresCorrection.DEPTHWISE:
             return half + self.norm(self.depthwise(half))
         return half + self.norm(self.conv(independent))
-
-    def _embed(self, independent: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        half = l2_normalize(independent[:, : self.independent_used])
-        if tuple(half.shape[-2:]) != tuple(size):
-            half = F.interpolate(half, size=size, mode="bilinear", align_corners=False)
-        return l2_normalize(self.motion_embed(half))
-
-    def keyframe_keys(self, full_independent: torch.Tensor, term_size: tuple[int, int]) -> torch.Tensor:
-        """Motion embeddings of keyframes (their full-resolution raw f_ind) on the term's grid ``term_size``:
-        what ``warp`` compares a non-keyframe with; compute once per keyframe (FLOW only)."""
-        return self._embed(full_independent, term_size)
-
-    def warp(self, term: torch.Tensor, keys: torch.Tensor, lowres_independent: torch.Tensor) -> torch.Tensor:
-        """A keyframe term already resampled by ``align``, warped onto the content of the non-keyframes whose
-        corrected low-resolution f_ind (``correct``'s output) is ``lowres_independent`` (FLOW only)."""
-        size = tuple(term.shape[-2:])
-        if tuple(keys.shape[-2:]) != size:
-            # ``align`` made the term coarser than the grid the keys were cached on (e.g. PVT, whose term is at
-            # stride 4): bring them along (a linear map commutes with the resize; the norm does not).
-            keys = l2_normalize(F.interpolate(keys, size=size, mode="bilinear", align_corners=False))
-        query = self._embed(lowres_independent, size)
-        displacement = soft_argmax_displacement(query, keys, FLOW_RADIUS, self.log_temperature.exp())
-        return warp_by_displacement(term, displacement)
 
 
 def build_head(in_channels: int, num_classes: int, hidden: int | None, dropout: float) -> nn.Sequential:
@@ -401,14 +280,9 @@ class DCFM(nn.Module):
         # Only a reduced-resolution model has the bridge, so s = 1 checkpoints keep their exact state dict.
         self.cross_resolution = (
             CrossResolutionFusion(contract.independent_channels, self.fusion.independent_used,
-                                  config.lowres_correction, config.lowres_alignment)
+                                  config.lowres_correction)
             if config.nonkey_scale < 1 else None
         )
-
-    @property
-    def aligns_by_flow(self) -> bool:
-        """True when non-keyframes warp the keyframe term by estimated motion (s < 1 with ``LowresAlignment.FLOW``)."""
-        return self.cross_resolution is not None and self.cross_resolution.alignment is LowresAlignment.FLOW
 
     # --- the building blocks, eqs. (1)-(6) -------------------------------------------------------------------
     def independent(self, images: torch.Tensor) -> torch.Tensor:
@@ -436,43 +310,13 @@ class DCFM(nn.Module):
             return independent
         return self.cross_resolution.correct(independent)
 
-    def keyframe_keys(self, full_independent: torch.Tensor, keyframe_term: torch.Tensor) -> torch.Tensor | None:
-        """Motion keys of keyframes from their full-resolution raw f_ind, on the grid of their cached term; cache
-        them with the term. None unless the model aligns by flow (``aligns_by_flow``)."""
-        if not self.aligns_by_flow:
-            return None
-        return self.cross_resolution.keyframe_keys(full_independent, tuple(keyframe_term.shape[-2:]))
+    def align_term(self, keyframe_term: torch.Tensor, independent: torch.Tensor) -> torch.Tensor:
+        """A keyframe's cached term on the grid of a (low-resolution) non-keyframe's f_ind; cache it per keyframe."""
+        return CrossResolutionFusion.align(keyframe_term, tuple(independent.shape[-2:]))
 
-    def align_term(self, keyframe_term: torch.Tensor, independent: torch.Tensor,
-                   keys: torch.Tensor | None = None) -> torch.Tensor:
-        """A keyframe's cached term on the grid of a (low-resolution) non-keyframe's f_ind. Without ``keys`` it
-        depends on the grid only (cache it per keyframe and grid); with the keyframe's ``keyframe_keys`` (flow
-        models) it is also warped onto this frame's content, so it is per frame."""
-        term = CrossResolutionFusion.align(keyframe_term, tuple(independent.shape[-2:]))
-        if keys is None:
-            return term
-        return self.warp_term(term, keys, independent)
-
-    def warp_term(self, aligned_term: torch.Tensor, keys: torch.Tensor, independent: torch.Tensor) -> torch.Tensor:
-        """A term already on the non-keyframes' grid (``align_term`` without keys) warped onto their content:
-        batched over (frame, keyframe) pairs, ``independent`` being the frames' ``independent_lowres``."""
-        if not self.aligns_by_flow:
-            raise ValueError("keyframe keys given to a model without flow alignment (its config has nonkey_scale "
-                             f"{self.nonkey_scale:g}, lowres_alignment {self.config.lowres_alignment.value!r})")
-        return self.cross_resolution.warp(aligned_term, keys, independent)
-
-    def fuse_lowres(self, common: torch.Tensor, independent_lowres: torch.Tensor,
-                    key_independent: torch.Tensor | None = None) -> torch.Tensor:
-        """F of a reduced-resolution non-keyframe: eq. (5) with the keyframe term aligned to its grid.
-        ``key_independent``: the keyframe's full-resolution raw f_ind, which flow models need (others ignore it)."""
-        term = self.fusion.keyframe_term(common)
-        keys = None
-        if self.aligns_by_flow:
-            if key_independent is None:
-                raise ValueError("this model aligns the keyframe term by flow (lowres_alignment 'flow'): pass the "
-                                 "keyframe's full-resolution f_ind as key_independent")
-            keys = self.keyframe_keys(key_independent, term)
-        term = self.align_term(term, independent_lowres, keys)
+    def fuse_lowres(self, common: torch.Tensor, independent_lowres: torch.Tensor) -> torch.Tensor:
+        """F of a reduced-resolution non-keyframe: eq. (5) with the keyframe term aligned to its grid."""
+        term = self.align_term(self.fusion.keyframe_term(common), independent_lowres)
         return l2_normalize(self.fusion.combine(term, independent_lowres))
 
     def decode(self, fused: torch.Tensor) -> torch.Tensor:
@@ -486,13 +330,11 @@ class DCFM(nn.Module):
         common = self.common(independent)
         return KeyframeOutput(independent, common, self.decode(self.fuse(common, independent)))
 
-    def forward_reuse(self, images: torch.Tensor, common: torch.Tensor,
-                      key_independent: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_reuse(self, images: torch.Tensor, common: torch.Tensor) -> torch.Tensor:
         """Non-keyframe path: logits of ``images`` given a keyframe's cached ``common`` feature (at the reduced
-        resolution when ``nonkey_scale`` < 1; then the logits are coarser than a keyframe's). Flow-aligned models
-        also need the keyframe's full-resolution raw f_ind, ``key_independent``."""
+        resolution when ``nonkey_scale`` < 1; then the logits are coarser than a keyframe's)."""
         if self.nonkey_scale < 1:
-            return self.decode(self.fuse_lowres(common, self.independent_lowres(images), key_independent))
+            return self.decode(self.fuse_lowres(common, self.independent_lowres(images)))
         return self.decode(self.fuse(common, self.independent(images)))
 
     def forward_pair(self, labeled: torch.Tensor, neighbour: torch.Tensor) -> PairOutput:
@@ -514,8 +356,8 @@ class DCFM(nn.Module):
         # the same frame (FST-style).
         key_logits, neighbour_logits = self.decode(torch.cat([fused_l, fused_u])).split(batch)
         lowres = self.independent_lowres(torch.cat([labeled, neighbour]))
-        low_reuse_l = self.fuse_lowres(com_u, lowres[:batch], ind_u)
-        low_reuse_u = self.fuse_lowres(com_l, lowres[batch:], ind_l)
+        low_reuse_l = self.fuse_lowres(com_u, lowres[:batch])
+        low_reuse_u = self.fuse_lowres(com_l, lowres[batch:])
         reuse_logits = self.decode(low_reuse_l)
         return PairOutput(key_logits, reuse_logits, fused_l, fused_u, neighbour_logits,
                           lowres_fused=(low_reuse_l, low_reuse_u), lowres_targets=(fused_l, fused_u))

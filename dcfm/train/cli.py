@@ -63,11 +63,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run non-keyframes at S times the resolution (AR-Seg with DCFM; 0.5 its setting): adds the "
                         "cross-resolution fusion and the feature-similarity loss; recorded in the checkpoint "
                         "(default %(default)s: plain DCFM)")
-    p.add_argument("--lowres-alignment", choices=["resample", "flow"], default=default("lowres_alignment"),
-                   help="how the keyframe's cached features reach a reduced-resolution non-keyframe (needs "
-                        "--nonkey-scale < 1): resample them to its grid, or also warp them by motion estimated from a "
-                        "local correlation of both frames' shallow features (flow; not yet screened); recorded in the "
-                        "checkpoint (default %(default)s)")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips")
     p.add_argument("--jitter", type=float, default=augment("colour_jitter"),
                    help="colour jitter strength (default %(default)s)")
@@ -118,7 +113,6 @@ def config_from_args(args: argparse.Namespace):
         data=args.data, output=args.output, layout=args.layout, split=args.split, delta=args.delta,
         max_delta=args.max_delta,
         backbone=args.backbone, pretrained_backbone=args.pretrained, nonkey_scale=args.nonkey_scale,
-        lowres_alignment=args.lowres_alignment,
         steps=args.steps, batch_size=args.batch_size,
         augment=AugmentConfig(crop=args.crop, scale=args.scale, max_rotation_deg=args.rotation,
                               flip=not args.no_flip, colour_jitter=args.jitter),

@@ -12,7 +12,6 @@ from urllib.parse import urlsplit
 from dcfm.data import LAYOUTS
 from dcfm.errors import ConfigError, SettingsConflict
 from dcfm.losses import LossWeights
-from dcfm.model import LowresAlignment
 from dcfm.train.recipe import AugmentConfig, OptimConfig
 
 # Fields that say how a run executes, not what it learns: a rerun may change them and still resume.
@@ -39,7 +38,6 @@ class TrainJobConfig:
     backbone: str = "resnet18"
     pretrained_backbone: bool = False
     nonkey_scale: float = 1.0  # non-keyframes at this fraction of the resolution (AR-Seg; the card records it)
-    lowres_alignment: str = "resample"  # keyframe term to a reduced-resolution non-keyframe: resample or flow
     steps: int = 1000
     batch_size: int = 4  # pairs per worker per step; the global batch is workers × batch_size
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -70,15 +68,6 @@ class TrainJobConfig:
             raise ConfigError("max_delta", f"needs 1 <= delta <= max_delta, got {self.delta} and {self.max_delta}")
         if not 0 < self.nonkey_scale <= 1:
             raise ConfigError("nonkey_scale", f"must be in (0, 1], got {self.nonkey_scale}")
-        try:  # kept as the plain string, as it reads back from JSON
-            self.lowres_alignment = LowresAlignment(self.lowres_alignment).value
-        except ValueError:
-            raise ConfigError("lowres_alignment", f"must be one of {[a.value for a in LowresAlignment]}, "
-                              f"got {self.lowres_alignment!r}") from None
-        if self.lowres_alignment != LowresAlignment.RESAMPLE.value and self.nonkey_scale == 1:
-            # A full-resolution model has no cross-resolution bridge: the setting would be recorded but do nothing.
-            raise ConfigError("lowres_alignment", f"{self.lowres_alignment!r} aligns reduced-resolution non-keyframes; "
-                              "it needs --nonkey-scale below 1 (e.g. 0.5)")
         if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
             raise ConfigError("cpus_per_worker", f"must be > 0 (and gpus_per_worker >= 0), got {self.cpus_per_worker} "
                               f"and {self.gpus_per_worker}")

@@ -100,7 +100,6 @@ def _as_recorded_today(recorded: dict[str, Any], config: TrainJobConfig) -> dict
     if recorded.get("optim", {}).get("extra") == {}:
         recorded["optim"] = {k: v for k, v in recorded["optim"].items() if k != "extra"}
     recorded.setdefault("nonkey_scale", 1.0)  # before reduced-resolution non-keyframes, all ran at full size
-    recorded.setdefault("lowres_alignment", "resample")  # before the flow alignment, every bridge resampled
     loss = recorded.get("loss")
     if isinstance(loss, dict) and "similarity" not in loss and recorded["nonkey_scale"] == 1.0 and config.loss:
         # λ3 weighs a term full-resolution models do not have: any value trains the same weights.

@@ -139,8 +139,7 @@ def _setup(config: TrainJobConfig, rank: int, world: int, device: torch.device, 
     stream = PairStream(dataset, shard_refs(candidates, rank, world), config.augment, config.batch_size,
                         config.seed, rank)
     model_config = DCFMConfig(config.backbone, num_classes=len(dataset.classes),
-                              pretrained_backbone=config.pretrained_backbone, nonkey_scale=config.nonkey_scale,
-                              lowres_alignment=config.lowres_alignment)
+                              pretrained_backbone=config.pretrained_backbone, nonkey_scale=config.nonkey_scale)
     torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = DCFM(model_config)
     state, restored = TrainState(), None
