@@ -28,8 +28,11 @@ METHOD notes, where this code departs from the authors' official code, and why:
   on half-size passes only gains 0.4-0.5 points) and the capacity of the correction (the conv correction gains
   1.2-1.4 points over the depthwise one at the benchmark's full budget). The loss is concentrated in small objects
   (car, person). A frame twice as large (128x256, 400 steps) shrank the k = 6 gap only from 2.9 to 2.1 points, and
-  distilling the keyframe logits into the half-size pass gained nothing. What remains is what AR-Seg has and this
-  design leaves out: aligning the keyframe's features to the current frame (motion-vector warping, local attention).
+  distilling the keyframe logits into the half-size pass gained nothing. Nor did aligning the keyframe's term to the
+  current frame with a learned flow (a local correlation of shallow-feature embeddings, soft-argmax, one warp;
+  AR-Seg aligns with codec motion vectors and local attention): screened and reverted. Training on the gaps
+  inference meets (``--max-delta 5``) lifts s = 0.5 at k = 6 (0.556 -> 0.564 causal) but lifts s = 1.0 as much, so
+  at matched recipes the gap stays ~4 points at the full budget.
 
 * L2 norm and the channel half: the official code L2-normalises all of f_ind, then the FFM takes its first half;
   here the half is taken first and normalised by itself. Kept: the used channels then have unit norm whatever
