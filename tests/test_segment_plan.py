@@ -184,16 +184,15 @@ def test_actor_settings_travel_as_plain_json_and_come_back_equal() -> None:
     assert ActorSettings.from_json(text) == settings
 
 
-def test_a_videos_largest_chunks_are_handed_out_first(tmp_path) -> None:
-    """Seek points every 12 frames make 16-frame chunks unequal (13, 25, 13, 16 frames to decode, in frame
-    order); the pool gets them largest first, so the video's last chunks, which decide when its actors finish,
-    are its smallest. Every frame is still planned once."""
-    from dcfm.segment.plan import plan_video
-    from tests.videos import write_test_video
+def test_a_chunk_handed_over_twice_counts_once() -> None:
+    """Ray redoes the task of an actor that died after handing its chunk over: the driver keeps the first
+    summary, and the video completes on its own chunks, not on a repeat (which would publish a chunk twice)."""
+    from dcfm.segment.actor import ChunkSummary
+    from dcfm.segment.job import VideoState
+    from dcfm.sources import InputItem
 
-    video = write_test_video(tmp_path / "v.mp4", 64, gop=12)
-    tasks = [ChunkTask.from_json(row["task"])
-             for row in plan_video({"video_id": "v", "uri": str(video)}, chunk_frames=16, lead_in=0)]
-    assert [t.decode_stop - t.lead_start for t in tasks] == [25, 16, 13, 13]
-    assert [t.chunk_index for t in tasks] == [1, 3, 0, 2] and {t.num_chunks for t in tasks} == {4}
-    assert sorted(i for t in tasks for i in range(t.start, t.stop)) == list(range(64))
+    state = VideoState(InputItem("v.mp4", "v"))
+    first, again = (ChunkSummary("v", "v.mp4", 0, 2, "ok", frames=n) for n in (8, 99))
+    assert state.add(first) and not state.add(again)
+    assert not state.complete() and [s.frames for s in state.summaries] == [8]
+    assert state.add(ChunkSummary("v", "v.mp4", 1, 2, "ok")) and state.complete()

@@ -42,6 +42,13 @@ class VideoState:
     item: InputItem
     summaries: list[ChunkSummary] = field(default_factory=list)
 
+    def add(self, chunk: ChunkSummary) -> bool:
+        """Keep ``chunk``'s summary; False (and nothing kept) for a second summary of a chunk already here."""
+        if any(s.chunk_index == chunk.chunk_index for s in self.summaries):
+            return False
+        self.summaries.append(chunk)
+        return True
+
     def complete(self) -> bool:
         return bool(self.summaries) and len(self.summaries) == self.summaries[0].num_chunks
 
@@ -244,11 +251,18 @@ def _run_segment_job(config: SegmentJobConfig, log: Callable[[str], None], stack
     staging = layout.staging_root(run_id)
     rows = _pipeline(todo, config, settings, resources, staging).iter_rows()
     for chunk in _chunk_summaries(_guard_actor_start(rows, resources, config)):
+        state = states.get(chunk.video_id)
+        first_of_video = state is not None and not state.summaries
+        if state is None or not state.add(chunk):
+            # Ray redoes the task of an actor that died, and one that died after handing its chunk over but
+            # before its task ended hands it over twice: count it, and commit its video, once. Both attempts
+            # staged the same files under the same names.
+            log(f"[segment] {chunk.video_id} chunk {chunk.chunk_index}: a second result for it (its actor was "
+                f"restarted); the first one counts")
+            continue
         telemetry.chunk(chunk)
-        state = states[chunk.video_id]
-        if not state.summaries and chunk.probe:
+        if first_of_video and chunk.probe:
             summary.planned_frames += chunk.probe["frame_count"]
-        state.summaries.append(chunk)
         summary.chunks += 1
         summary.frames += chunk.frames
         if chunk.reused:

@@ -275,7 +275,4 @@ def plan_video(row: dict, chunk_frames: int, lead_in: int, staging: str | None =
         message = f"{uri}: {type(err).__name__}: {err}"
         error = TaskError("probe", type(err).__name__, message, detail=traceback.format_exc(limit=8))
         tasks = [ChunkTask(video_id, uri, -1, 1, error=error)]
-    # Largest chunks first (stable): the pool takes chunks in this order, so a video's last chunks are its
-    # smallest and the actors finish it closer together (seek-point alignment makes chunks unequal).
-    tasks = sorted(tasks, key=lambda t: t.lead_start - t.decode_stop)
     return [{"video_id": video_id, "task": t.to_json()} for t in tasks]
