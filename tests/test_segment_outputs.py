@@ -140,3 +140,27 @@ def test_marker_is_one_json_line(tmp_path: Path) -> None:
     commit(layout, "v1", "run")
     text = Path(layout.marker("v1")).read_text()
     assert text.endswith("\n") and text.count("\n") == 1
+
+
+def test_commit_finds_chunks_staged_after_this_process_listed_the_staging_directory(s3_env: str) -> None:
+    """Actors stage chunks from other processes; a listing of the staging directory that the driver's S3 client
+    cached before the last chunk arrived (s3fs keeps listings without expiry) must not make it look missing."""
+    import fsspec
+
+    layout = OutputLayout(f"{s3_env}/out")
+    storage.write_bytes_atomic(layout.staging_file("run", "v", 1), b"chunk 1")
+    fs, staging = storage.filesystem(layout.staging_dir("run", "v"))
+    assert len(fs.ls(staging)) == 1  # this process's client now holds a listing without chunk 0
+    # Chunk 0, the first the commit moves, staged by another process: a client of its own, whose writes this
+    # one's cache never sees.
+    other = fsspec.filesystem("s3", skip_instance_cache=True, **fs.storage_options)
+    other.pipe_file(storage.filesystem(layout.staging_file("run", "v", 0))[1], b"chunk 0")
+    row = {
+        "video_id": "v", "video_uri": "/v/v.mp4", "status": "ok", "error": None, "frame_count": 2, "fps": 1.0,
+        "codec": "h264", "width": 2, "height": 2, "duration_s": 2.0, "chunks": 2, "keyframes": 1,
+        "mean_confidence": 1.0, "mean_label_change_rate": None, "mean_keyframe_agreement": None, "seconds": 0.0,
+        "run_id": "run", "model_digest": "d", "warning": None,
+    }
+    layout.commit_video("v", "run", [0, 1], row, [])
+    assert storage.read_bytes(layout.frames_file("v", 0)) == b"chunk 0"
+    assert layout.committed()["v"]["frame_files"] == ["part-00000.parquet", "part-00001.parquet"]

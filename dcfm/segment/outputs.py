@@ -266,6 +266,11 @@ class OutputLayout:
         """Publish a finished video: frames (if it succeeded), its videos/errors rows, then the marker; returns
         the marker. Safe to call again after a failure midway (the job retries it on transient storage
         failures)."""
+        # Actors (other processes) wrote these files: a listing of the staging directory that this process's
+        # object-store client cached earlier (s3fs keeps listings without expiry) would make a staged chunk look
+        # missing.
+        fs, staging = storage.filesystem(self.staging_dir(run_id, video_id))
+        fs.invalidate_cache(staging)
         for chunk in staged_chunks:
             fs, src = storage.filesystem(self.staging_file(run_id, video_id, chunk))
             _, dst = storage.filesystem(self.frames_file(video_id, chunk))
