@@ -10,15 +10,19 @@ from dcfm import storage
 from dcfm.segment.outputs import OutputLayout
 
 
+def video_row(video_id: str, run_id: str, chunks: int = 1) -> dict:
+    """A videos/ row of an ok video of ``chunks`` one-frame chunks."""
+    return {
+        "video_id": video_id, "video_uri": f"/v/{video_id}.mp4", "status": "ok", "error": None,
+        "frame_count": chunks, "fps": 1.0, "codec": "h264", "width": 2, "height": 2, "duration_s": float(chunks),
+        "chunks": chunks, "keyframes": 1, "mean_confidence": 1.0, "mean_label_change_rate": None,
+        "mean_keyframe_agreement": None, "seconds": 0.0, "run_id": run_id, "model_digest": "d", "warning": None,
+    }
+
+
 def commit(layout: OutputLayout, video_id: str, run_id: str) -> None:
     storage.write_bytes_atomic(layout.staging_file(run_id, video_id, 0), b"chunk")
-    row = {
-        "video_id": video_id, "video_uri": f"/v/{video_id}.mp4", "status": "ok", "error": None, "frame_count": 1,
-        "fps": 1.0, "codec": "h264", "width": 2, "height": 2, "duration_s": 1.0, "chunks": 1, "keyframes": 1,
-        "mean_confidence": 1.0, "mean_label_change_rate": None, "mean_keyframe_agreement": None, "seconds": 0.0,
-        "run_id": run_id, "model_digest": "d", "warning": None,
-    }
-    layout.commit_video(video_id, run_id, [0], row, [])
+    layout.commit_video(video_id, run_id, [0], video_row(video_id, run_id), [])
 
 
 def test_committed_reads_every_marker(tmp_path: Path) -> None:
@@ -155,12 +159,6 @@ def test_commit_finds_chunks_staged_after_this_process_listed_the_staging_direct
     # one's cache never sees.
     other = fsspec.filesystem("s3", skip_instance_cache=True, **fs.storage_options)
     other.pipe_file(storage.filesystem(layout.staging_file("run", "v", 0))[1], b"chunk 0")
-    row = {
-        "video_id": "v", "video_uri": "/v/v.mp4", "status": "ok", "error": None, "frame_count": 2, "fps": 1.0,
-        "codec": "h264", "width": 2, "height": 2, "duration_s": 2.0, "chunks": 2, "keyframes": 1,
-        "mean_confidence": 1.0, "mean_label_change_rate": None, "mean_keyframe_agreement": None, "seconds": 0.0,
-        "run_id": "run", "model_digest": "d", "warning": None,
-    }
-    layout.commit_video("v", "run", [0, 1], row, [])
+    layout.commit_video("v", "run", [0, 1], video_row("v", "run", chunks=2), [])
     assert storage.read_bytes(layout.frames_file("v", 0)) == b"chunk 0"
     assert layout.committed()["v"]["frame_files"] == ["part-00000.parquet", "part-00001.parquet"]

@@ -60,7 +60,7 @@ class ActorSettings:
     def to_json(self) -> str:
         """Plain JSON. The pipeline hands actors this rather than the dataclass: Ray Data ships its operators'
         arguments to its stats actor, which would otherwise unpickle these enums and import torch to do so
-        (~5 CPU-seconds taken from the actors at the start of every run on a fresh Ray)."""
+        (~4 CPU-seconds taken from the actors at the start of every run on a fresh Ray)."""
         return json.dumps(asdict(self))
 
     @classmethod
