@@ -8,6 +8,7 @@ import pytest
 
 from dcfm import storage
 from dcfm.segment.outputs import OutputLayout
+from dcfm.segment.plan import staged_chunks
 
 
 def video_row(video_id: str, run_id: str, chunks: int = 1) -> dict:
@@ -162,3 +163,21 @@ def test_commit_finds_chunks_staged_after_this_process_listed_the_staging_direct
     layout.commit_video("v", "run", [0, 1], video_row("v", "run", chunks=2), [])
     assert storage.read_bytes(layout.frames_file("v", 0)) == b"chunk 0"
     assert layout.committed()["v"]["frame_files"] == ["part-00000.parquet", "part-00001.parquet"]
+
+
+def test_a_rerun_sees_chunks_staged_after_this_process_last_listed_them(s3_env: str) -> None:
+    """The planner runs in Ray workers that outlive a job: on a long-lived cluster, the worker that plans a
+    rerun after a killed driver may have listed the video's staging directory before the killed run's actors
+    staged their chunks. Its cached listing must not hide them (chunk-level resume would recompute them all)."""
+    import fsspec
+
+    layout = OutputLayout(f"{s3_env}/out")
+    staging_dir = layout.staging_dir("run", "v")
+    storage.write_bytes_atomic(layout.staging_file("run", "v", 0), b"rows")
+    storage.write_bytes_atomic(layout.staging_summary("run", "v", 0), b"{}")
+    assert staged_chunks(staging_dir) == {0}  # this process's client now holds a listing of chunk 0 alone
+    fs, _ = storage.filesystem(staging_dir)
+    other = fsspec.filesystem("s3", skip_instance_cache=True, **fs.storage_options)
+    other.pipe_file(storage.filesystem(layout.staging_file("run", "v", 1))[1], b"rows")
+    other.pipe_file(storage.filesystem(layout.staging_summary("run", "v", 1))[1], b"{}")
+    assert staged_chunks(staging_dir) == {0, 1}

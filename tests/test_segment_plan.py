@@ -9,7 +9,8 @@ import pytest
 from dcfm.decode import VideoProbe
 from dcfm.inference import KeyframePolicy
 from dcfm.segment.config import SegmentJobConfig, resolve_resources
-from dcfm.segment.plan import PREROLL_SHARE, ChunkTask, chunk_bounds, lead_in_frames, plan_chunks, plan_tasks
+from dcfm.segment.plan import (PREROLL_SHARE, ChunkTask, chunk_bounds, finish_split, lead_in_frames, plan_chunks,
+                               plan_tasks)
 
 
 def probe(n: int, gop: int = 2) -> VideoProbe:
@@ -90,10 +91,33 @@ def test_boundaries_move_to_seek_points_a_few_frames_away() -> None:
     video, chunk, lead = probe(1024, gop=30), 64, 2
     plan = plan_chunks(video, chunk, lead)
     starts = [a for a, _ in plan.bounds]
-    assert len(plan.bounds) == len(chunk_bounds(1024, chunk)) and plan.note == ""
-    assert all(a % lead == 0 and abs(a - i * chunk) <= chunk // 4 for i, a in enumerate(starts))
+    assert plan.note == "" and all(a % lead == 0 for a in starts)
+    # Every chunk but the last within a quarter of --chunk-frames: one boundary moved early and the next
+    # moved late must not add up to a chunk that one actor is still running when the other has finished.
+    assert all(abs((b - a) - chunk) <= chunk // 4 for a, b in plan.bounds[:-1])
     assert plan.decoded_frames <= (1 + PREROLL_SHARE) * 1024 + len(starts) * (lead + 1)
     assert decoded_frames(video, chunk, lead) == plan.decoded_frames
+
+
+def test_the_last_videos_of_a_job_end_in_half_chunks() -> None:
+    """With several actors, the job's last videos end in half-length chunks: the pool hands chunks out in
+    order, so the actors run out of work at most half a chunk apart instead of one running a whole chunk alone."""
+    assert [finish_split(p, 5, actors=2) for p in range(5)] == [0, 0, 0, 2, 2]
+    assert [finish_split(p, 5, actors=1) for p in range(5)] == [0] * 5
+    video, chunk, lead = probe(1024, gop=30), 64, 2
+    whole = plan_chunks(video, chunk, lead)
+    split = plan_chunks(video, chunk, lead, finish_split=2)
+    assert split.bounds[:-4] == whole.bounds[:-2]
+    assert [a for a, _ in split.bounds[-4:]][::2] == [a for a, _ in whole.bounds[-2:]]
+    for (a, b), (first, second) in zip(whole.bounds[-2:], zip(split.bounds[-4::2], split.bounds[-3::2])):
+        assert first[0] == a and second[1] == b and first[1] == second[0]
+        assert abs((first[1] - a) - (b - a) / 2) <= (b - a) / 4 and first[1] % lead == 0  # on the schedule
+    assert split.decoded_frames <= (1 + PREROLL_SHARE) * 1024 + len(split.bounds) * (lead + 1)
+    tasks = plan_tasks("v", "v.mp4", video, chunk, lead, finish_split=2)
+    assert [(t.start, t.stop) for t in tasks] == split.bounds and [t.chunk_index for t in tasks] == list(range(len(tasks)))
+    # A chunk shorter than half --chunk-frames is left whole.
+    short = plan_chunks(probe(80, gop=2), 64, 2, finish_split=2)
+    assert short.bounds == [(0, 32), (32, 64), (64, 80)]
 
 
 def test_defaults_fill_the_cluster() -> None:
@@ -194,5 +218,8 @@ def test_a_chunk_handed_over_twice_counts_once() -> None:
     state = VideoState(InputItem("v.mp4", "v"))
     first, again = (ChunkSummary("v", "v.mp4", 0, 2, "ok", frames=n) for n in (8, 99))
     assert state.add(first) and not state.add(again)
-    assert not state.complete() and [s.frames for s in state.summaries] == [8]
+    assert not state.complete() and [s.frames for s in state.summaries.values()] == [8]
+    # A summary from another plan of the video (another chunk count) stops the job rather than commit it.
+    with pytest.raises(RuntimeError, match="plan of 3 chunks"):
+        state.add(ChunkSummary("v", "v.mp4", 1, 3, "ok"))
     assert state.add(ChunkSummary("v", "v.mp4", 1, 2, "ok")) and state.complete()

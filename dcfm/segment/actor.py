@@ -329,7 +329,11 @@ class ChunkSegmenter:
         staged = ChunkSummary(**data)
         if (staged.start, staged.stop, staged.status) != (task.start, task.stop, "ok"):
             return None  # staged with other chunk lengths: recompute
-        return replace(staged, reused=True, node_id=self.node_id, pid=self.pid, actor_ready_at=self.ready_at)
+        # The chunk count is this plan's: the interrupted run may have cut the video's other chunks
+        # differently (its last chunks are halved or not with the number of actors), and the driver commits a
+        # video once it holds that many chunks.
+        return replace(staged, reused=True, num_chunks=task.num_chunks, node_id=self.node_id, pid=self.pid,
+                       actor_ready_at=self.ready_at)
 
     def _row_values(
         self,

@@ -84,7 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="URI", help="checkpoint directory (local or s3://)")
     add_reuse_arguments(p, default("mode"))
     p.add_argument("--chunk-frames", type=positive_int, default=default("chunk_frames"),
-                   help="frames per chunk, rounded up to a multiple of K (default %(default)s)")
+                   help="frames per chunk, rounded up to a multiple of K; boundaries move to nearby seek points, "
+                        "and with several actors the job's last videos end in half chunks (default %(default)s)")
     p.add_argument("--resolution", type=parse_size, metavar="HxW",
                    help="resolution the model runs at (default: the checkpoint's training size)")
     p.add_argument("--mask-resolution", choices=["source", "model"], default=default("mask_resolution"),

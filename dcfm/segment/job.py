@@ -25,7 +25,7 @@ from dcfm.segment.lease import OutputLease
 from dcfm.segment.estimate import CostEstimate, check_gpu_pool
 from dcfm.segment.preflight import ResourceMismatch, check_actor_fits, cluster_shapes
 from dcfm.segment.outputs import OutputLayout
-from dcfm.segment.plan import lead_in_frames, plan_chunks, plan_tasks, plan_video
+from dcfm.segment.plan import finish_split, lead_in_frames, plan_tasks, plan_video
 from dcfm.sources import InputItem, scan_inputs
 from dcfm.storage import redact
 from dcfm.telemetry import SegmentTelemetry
@@ -40,17 +40,23 @@ class VideoState:
     """Chunk summaries of one video, until all have arrived."""
 
     item: InputItem
-    summaries: list[ChunkSummary] = field(default_factory=list)
+    summaries: dict[int, ChunkSummary] = field(default_factory=dict)  # by chunk index
 
     def add(self, chunk: ChunkSummary) -> bool:
         """Keep ``chunk``'s summary; False (and nothing kept) for a second summary of a chunk already here."""
-        if any(s.chunk_index == chunk.chunk_index for s in self.summaries):
+        if chunk.chunk_index in self.summaries:
             return False
-        self.summaries.append(chunk)
+        first = next(iter(self.summaries.values()), chunk)
+        if chunk.num_chunks != first.num_chunks:
+            # Summaries of two different plans of the video: committing either count of chunks would publish
+            # a video with frames missing or twice. Stop instead (a bug, not bad input).
+            raise RuntimeError(f"{self.item.video_id}: chunk {chunk.chunk_index} belongs to a plan of "
+                               f"{chunk.num_chunks} chunks, chunk {first.chunk_index} to one of {first.num_chunks}")
+        self.summaries[chunk.chunk_index] = chunk
         return True
 
     def complete(self) -> bool:
-        return bool(self.summaries) and len(self.summaries) == self.summaries[0].num_chunks
+        return bool(self.summaries) and len(self.summaries) == next(iter(self.summaries.values())).num_chunks
 
 
 @dataclass
@@ -95,7 +101,7 @@ class JobSummary:
 
 def video_row(state: VideoState, run_id: str, digest: str) -> tuple[dict, list[dict], list[int]]:
     """The videos/ row, the errors/ rows and the chunks to publish, from a complete set of summaries."""
-    summaries = sorted(state.summaries, key=lambda s: s.chunk_index)
+    summaries = [state.summaries[index] for index in sorted(state.summaries)]
     failed = [s for s in summaries if s.status == "failed"]
     status = "failed" if failed else ("empty" if summaries[0].status == "empty" else "ok")
     probe = next((s.probe for s in summaries if s.probe), None) or {}
@@ -213,7 +219,7 @@ def _run_segment_job(config: SegmentJobConfig, log: Callable[[str], None], stack
         log(f"[segment] would run {resources.describe()}")
         if config.fps_per_gpu:
             check_gpu_pool(resources)
-        frames, chunks, largest = _print_plan(todo, config, log)
+        frames, chunks, largest = _print_plan(todo, config, resources.max_actors, log)
         if config.fps_per_gpu:
             log(CostEstimate(frames, chunks, largest, config.fps_per_gpu, resources).describe())
         return summary
@@ -400,7 +406,9 @@ def _pipeline(todo: list[InputItem], config: SegmentJobConfig, settings: ActorSe
     # the actors begin together instead of the first one racing the others' start-up for the CPU, and a pool
     # that never comes up (no node fits, no node is added) stops after --actor-start-timeout with a clear error.
     ctx.wait_for_min_actors_s = int(config.actor_start_timeout_s)
-    items = [{"video_id": i.video_id, "uri": i.uri} for i in todo]
+    items = [{"video_id": item.video_id, "uri": item.uri,
+              "finish_split": finish_split(position, len(todo), resources.max_actors)}
+             for position, item in enumerate(todo)]
     lead_in = lead_in_frames(config.keyframes)
     # One chunk per block: the actor pool runs a block as one task, so a block of a video's chunks would run
     # them one after the other on one actor. A block is cut as soon as it exceeds this many bytes, i.e. after
@@ -423,10 +431,12 @@ def _pipeline(todo: list[InputItem], config: SegmentJobConfig, settings: ActorSe
         .map_batches(
             ChunkSegmenter,
             fn_constructor_kwargs={"settings": settings.to_json()},
-            # One chunk in flight per actor: a free actor takes the next chunk, so uneven chunks (merged
-            # ones, a video's short last chunk) do not queue behind each other on one actor.
+            # Two chunks in flight per actor: the next one is already on the actor when a chunk ends. With one,
+            # each actor idled ~0.15 s between chunks (Ray Data looks for finished tasks every 0.1 s while
+            # several run). A chunk queued behind another can wait while a second actor is free; the job's
+            # last videos end in half-length chunks (finish_split), so that wait is short where it counts.
             compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors,
-                                      max_tasks_in_flight_per_actor=1),
+                                      max_tasks_in_flight_per_actor=2),
             # A killed actor (OOM, a lost node, a SIGKILL) is restarted and its chunk redone on it: Ray Data's
             # defaults for actor pools (max_restarts=-1, max_task_retries=-1; passing them is deprecated), which
             # tests/test_segment_faults.py holds it to.
@@ -461,7 +471,8 @@ class _Progress:
                  f"{s.planned_frames} frames of the videos started done; {s.frames / (now - self.start):.1f} frames/s")
 
 
-def _print_plan(todo: list[InputItem], config: SegmentJobConfig, log: Callable[[str], None]) -> tuple[int, int, int]:
+def _print_plan(todo: list[InputItem], config: SegmentJobConfig, actors: int,
+                log: Callable[[str], None]) -> tuple[int, int, int]:
     """Probe and plan every video, print the table; returns the frames, chunks and largest chunk's frames."""
     lead_in = lead_in_frames(config.keyframes)
     largest = 0
@@ -476,15 +487,16 @@ def _print_plan(todo: list[InputItem], config: SegmentJobConfig, log: Callable[[
             return item, None, err
 
     with ThreadPoolExecutor(max_workers=config.probe_concurrency) as pool:
-        for item, probe_result, err in pool.map(probe, todo):
+        for position, (item, probe_result, err) in enumerate(pool.map(probe, todo)):
             if err is not None:
                 log(f"| {item.video_id} | {redact(item.uri)} | unreadable: {redact(str(err))} | | | | |")
                 continue
             codec = config.keyframes.codec
+            split = finish_split(position, len(todo), actors)
             tasks = plan_tasks(item.video_id, item.uri, probe_result, config.aligned_chunk_frames, lead_in,
-                               align_to_seek_points=codec)
+                               align_to_seek_points=codec, finish_split=split)
             chunks = 0 if tasks[0].chunk_index < 0 else len(tasks)
-            note = plan_chunks(probe_result, config.aligned_chunk_frames, lead_in).note if chunks and not codec else ""
+            note = tasks[0].plan_note if chunks else ""
             total_frames += probe_result.frame_count
             total_chunks += chunks
             largest = max([largest] + [t.stop - t.start for t in tasks if t.chunk_index >= 0])

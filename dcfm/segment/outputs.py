@@ -329,6 +329,7 @@ def _etag(info: dict[str, Any]) -> str | None:
 def _listing(uri: str) -> list[str]:
     fs, path = storage.filesystem(uri)
     try:
-        return [p.rstrip("/") for p in fs.ls(path, detail=False)]
+        # Fresh: actors in other processes write below these directories after this process may have listed them.
+        return [p.rstrip("/") for p in fs.ls(path, detail=False, refresh=True)]
     except FileNotFoundError:
         return []

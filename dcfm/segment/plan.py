@@ -15,7 +15,8 @@ whose pre-roll is over budget first moves, by up to a quarter chunk, to just aft
 seek points are too sparse for the chunk length (a long video whose only keyframe is frame 0 would decode every
 chunk from the top: quadratic), chunk boundaries are dropped, cheapest first, until the pre-roll of the
 whole video is at most ``PREROLL_SHARE`` of its frames: fewer, larger chunks, down to one sequential chunk.
-``ChunkPlan.note`` says so.
+``ChunkPlan.note`` says so. With several actors, the job's last videos end in half-length chunks
+(``finish_split``), so the actors run out of work together.
 
 Tasks travel through Ray Data as JSON strings: flat, schema-free rows that Arrow never has to guess.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING
@@ -145,6 +147,26 @@ def seek_point_bounds(frame_count: int, chunk_frames: int, seek_points: tuple[in
     return list(zip(starts, starts[1:] + [frame_count]))
 
 
+def finish_split(position: int, videos: int, actors: int) -> int:
+    """How many of its last chunks the video at ``position`` of a job's ``videos`` halves: the last videos
+    of a job with several actors end in half-length chunks, so the actors run out of work close together
+    instead of one finishing a whole chunk alone (the pool hands chunks out in order)."""
+    return actors if actors > 1 and position >= videos - actors else 0
+
+
+def halve_last(bounds: list[tuple[int, int]], count: int, chunk_frames: int,
+               midpoints: Callable[[int, int], list[int]]) -> list[tuple[int, int]]:
+    """Split each of the last ``count`` chunks at the best of ``midpoints(start, stop)`` (best first), where
+    the chunk is at least half of ``chunk_frames`` and a midpoint exists."""
+    if count <= 0:
+        return bounds
+    halved = list(bounds[:-count])
+    for start, stop in bounds[-count:]:
+        options = midpoints(start, stop) if stop - start >= chunk_frames // 2 else []
+        halved += [(start, options[0]), (options[0], stop)] if options else [(start, stop)]
+    return halved
+
+
 def probe_info(probe: VideoProbe) -> ProbeInfo:
     return ProbeInfo(probe.frame_count, probe.fps, probe.codec, probe.width, probe.height, probe.duration_s,
                      probe.warning)
@@ -161,9 +183,10 @@ class ChunkPlan:
     note: str = ""  # why chunks were merged, if they were
 
 
-def plan_chunks(probe: VideoProbe, chunk_frames: int, lead_in: int) -> ChunkPlan:
+def plan_chunks(probe: VideoProbe, chunk_frames: int, lead_in: int, finish_split: int = 0) -> ChunkPlan:
     """Chunk boundaries of a video: every ``chunk_frames``, moved by up to a quarter chunk to just after a seek
-    point where that saves pre-roll, and dropped where the pre-roll would still exceed the budget."""
+    point where that saves pre-roll, and dropped where the pre-roll would still exceed the budget; the last
+    ``finish_split`` chunks are halved where a start near their middle fits the budget."""
     n = probe.frame_count
 
     def cost(start: int) -> int:  # frames decoded only to reach the chunk's lead-in
@@ -177,21 +200,34 @@ def plan_chunks(probe: VideoProbe, chunk_frames: int, lead_in: int) -> ChunkPlan
     # A boundary is kept only if its pre-roll is at most PREROLL_SHARE of the chunk it ends: each chunk
     # pays for the next one's pre-roll, so the video's total stays within PREROLL_SHARE of its frames, and
     # where seek points are sparse chunks grow to span them. Where the boundary itself is over budget but a
-    # start a few frames away is not (footage with a seek point every second or two), that start is taken:
-    # chunks stay near their nominal length, so the actors share a video evenly.
+    # start a few frames away is not (footage with a seek point every second or two), that start is taken.
+    # Each boundary is sought ``chunk_frames`` after the previous one, not on a fixed grid: a boundary moved
+    # early and the next moved late would make a chunk half as long again as the others, and the actor
+    # that draws it finishes the video alone.
     starts = [0]
-    for nominal, _ in base[1:]:
-        if cost(nominal) <= PREROLL_SHARE * (nominal - starts[-1]):
-            starts.append(nominal)
-            continue
-        near = [nominal + j * step for j in range(-reach, reach + 1) if starts[-1] < nominal + j * step < n]
+    merged = False
+    target = chunk_frames
+    while target < n:
+        near = [target + j * step for j in range(-reach, reach + 1) if starts[-1] < target + j * step < n]
         fits = [s for s in near if cost(s) <= PREROLL_SHARE * (s - starts[-1])]
         if fits:
-            starts.append(min(fits, key=lambda s: (cost(s), abs(s - nominal))))
+            starts.append(min(fits, key=lambda s: (cost(s), abs(s - target))))
+            target = starts[-1] + chunk_frames
+        else:
+            merged = True
+            target += chunk_frames
     bounds = [(a, b) for a, b in zip(starts, [*starts[1:], n])] if n else []
+
+    def midpoints(start: int, stop: int) -> list[int]:  # on the schedule, within budget, middle-most first
+        quarter = (stop - start) // 4
+        options = [m for m in range(start + quarter, stop - quarter + 1) if m % step == 0 and start < m < stop
+                   and cost(m) <= PREROLL_SHARE * (m - start)]
+        return sorted(options, key=lambda m: (cost(m), abs(2 * m - start - stop)))
+
+    bounds = halve_last(bounds, finish_split, chunk_frames, midpoints)
     decoded = sum(min(n, b + 1) - seek_start(probe, max(0, a - lead_in)) for a, b in bounds)
     note = ""
-    if len(bounds) < len(base):
+    if merged:
         gaps = len(probe.keyframes) and n / len(probe.keyframes)
         where = "only frame 0 is a seek point" if len(probe.keyframes) <= 1 else f"a seek point every ~{gaps:.0f} frames"
         shape = "one sequential chunk" if len(bounds) == 1 else f"{len(bounds)} chunks instead of {len(base)}"
@@ -202,20 +238,29 @@ def plan_chunks(probe: VideoProbe, chunk_frames: int, lead_in: int) -> ChunkPlan
 
 
 def plan_tasks(video_id: str, uri: str, probe: VideoProbe, chunk_frames: int, lead_in: int,
-               staged: frozenset[int] = frozenset(), align_to_seek_points: bool = False) -> list[ChunkTask]:
+               staged: frozenset[int] = frozenset(), align_to_seek_points: bool = False,
+               finish_split: int = 0) -> list[ChunkTask]:
     """The chunk tasks of one probed video (one pass-through task for an empty video).
 
     ``staged``: chunk indices an interrupted run of the same settings already staged.
     ``align_to_seek_points`` (codec keyframes): chunks start on the stream's seek points.
+    ``finish_split``: how many of the video's last chunks are halved (see ``finish_split``).
     """
     n = probe.frame_count
     info = probe_info(probe)
     if n == 0:
         return [ChunkTask(video_id, uri, chunk_index=-1, num_chunks=1, probe=info)]
     if align_to_seek_points:  # chunks start on seek points: no pre-roll to budget
-        plan = ChunkPlan(seek_point_bounds(n, chunk_frames, probe.keyframes), n)
+        def seek_midpoints(start: int, stop: int) -> list[int]:
+            quarter = (stop - start) // 4
+            inside = [p for p in probe.keyframes if start + quarter <= p <= stop - quarter and start < p < stop]
+            return sorted(inside, key=lambda p: abs(2 * p - start - stop))
+
+        bounds = halve_last(seek_point_bounds(n, chunk_frames, probe.keyframes), finish_split, chunk_frames,
+                            seek_midpoints)
+        plan = ChunkPlan(bounds, n)
     else:
-        plan = plan_chunks(probe, chunk_frames, lead_in)
+        plan = plan_chunks(probe, chunk_frames, lead_in, finish_split)
     bounds = plan.bounds
     time_base = (probe.time_base.numerator, probe.time_base.denominator)
     tasks = []
@@ -238,7 +283,9 @@ def staged_chunks(staging_dir: str | None) -> frozenset[int]:
 
     fs, path = storage.filesystem(staging_dir)
     try:
-        names = fs.ls(path, detail=False)
+        # Fresh: the killed run's actors staged these from other processes, and this worker process (Ray reuses
+        # them across jobs) may hold a listing of the directory cached before they did (s3fs keeps them).
+        names = fs.ls(path, detail=False, refresh=True)
     except FileNotFoundError:
         return frozenset()
     bases = {name.rsplit("/", 1)[-1] for name in names}
@@ -253,6 +300,7 @@ def staged_chunks(staging_dir: str | None) -> frozenset[int]:
 def plan_video(row: dict, chunk_frames: int, lead_in: int, staging: str | None = None,
                align_to_seek_points: bool = False, retry: RetryPolicy | None = None) -> list[dict]:
     """Ray Data flat_map: probe one input and emit its chunk tasks (or one failed pass-through task).
+    The row may carry ``finish_split`` (see ``finish_split``).
 
     ``staging``: the run's staging root; chunks already staged there are marked for reuse. ``retry``: how
     transient storage failures are retried; one that outlasts it becomes a pass-through task whose error
@@ -266,7 +314,8 @@ def plan_video(row: dict, chunk_frames: int, lead_in: int, staging: str | None =
         probe = retry.call(lambda: probe_video(uri), Side.INPUT, f"probing {redact(uri)}", log=print)
         staging_dir = f"{staging.rstrip('/')}/{video_id}" if staging else None
         staged = retry.call(lambda: staged_chunks(staging_dir), Side.OUTPUT, f"listing {redact(str(staging_dir))}", log=print)
-        tasks = plan_tasks(video_id, uri, probe, chunk_frames, lead_in, staged, align_to_seek_points)
+        tasks = plan_tasks(video_id, uri, probe, chunk_frames, lead_in, staged, align_to_seek_points,
+                           finish_split=int(row.get("finish_split") or 0))
     except TransientFailure as err:
         tasks = [ChunkTask(video_id, uri, -1, 1, error=TaskError.stopped("probe", err))]
     except VideoError as err:
