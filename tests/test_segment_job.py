@@ -239,7 +239,7 @@ def test_bad_inputs_fail_alone(ray_local, corpus, checkpoint, tmp_path) -> None:
     assert again.exit_code is ExitCode.INPUTS_FAILED and listing(out) == before
 
 
-def test_local_and_s3_outputs_are_identical(ray_local, corpus, checkpoint, tmp_path, s3_env) -> None:
+def test_local_and_s3_outputs_are_identical(ray_local, corpus, checkpoint, tmp_path, s3_env, monkeypatch) -> None:
     videos = [corpus["bframes"], corpus["vfr"]]
     local = run_segment_job(job(videos, tmp_path / "local", checkpoint, chunk_frames=4))
     remote_root = f"{s3_env}/segment-out"
@@ -267,6 +267,21 @@ def test_local_and_s3_outputs_are_identical(ray_local, corpus, checkpoint, tmp_p
     assert again.ok == 1 and again.skipped == 1
     assert any(f"{victim}: its commit marker lists 1 missing file(s)" in line for line in logged)
     assert frame_rows(str(tmp_path / "local")) == frame_rows(remote_root)
+    # A rerun with nothing to do still writes a missing index, at once (it never reaches the job's end); where
+    # that write fails, it says so and the rerun succeeds all the same.
+    fs.rm(storage.filesystem(layout.commit_index())[1])
+    noop = run_segment_job(job(videos, remote_root, checkpoint, chunk_frames=4))
+    assert noop.skipped == 2 and storage.exists(layout.commit_index())
+    fs.rm(storage.filesystem(layout.commit_index())[1])
+
+    def refuse(self, markers):
+        raise PermissionError("AccessDenied: PutObject")
+
+    monkeypatch.setattr(OutputLayout, "write_commit_index", refuse)
+    logged.clear()
+    noop = run_segment_job(job(videos, remote_root, checkpoint, chunk_frames=4), log=logged.append)
+    assert noop.skipped == 2 and not storage.exists(layout.commit_index())
+    assert any("WARNING: could not write the commit index" in line and "AccessDenied" in line for line in logged)
 
 
 def test_killed_run_resumes_to_the_clean_rows(ray_local, clean_run, corpus, checkpoint, tmp_path) -> None:

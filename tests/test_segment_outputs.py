@@ -104,19 +104,21 @@ def test_commit_index_saves_reads_and_never_outvotes_a_marker(s3_env: str, monke
     read: list[str] = []
     cat = fs.cat
     monkeypatch.setattr(fs, "cat", lambda paths, **kw: (read.extend(paths), cat(paths, **kw))[1])
-    # No index yet: every marker is read; a reader that does not hold the lease writes none.
+    # No index yet: every marker is read, and counted as such; reading writes nothing.
     markers = layout.committed()
-    assert len(read) == 6 and not storage.exists(layout.commit_index())
-    assert layout.committed(refresh_index=True) == markers and storage.exists(layout.commit_index())
+    assert len(read) == 6 and markers.read_one_by_one == 6 and not storage.exists(layout.commit_index())
+    layout.write_commit_index(markers)
     read.clear()
-    assert layout.committed() == markers and read == []  # all from the index: one GET instead of six
+    markers = layout.committed()
+    assert markers.read_one_by_one == 0 and read == []  # all from the index: one GET instead of six
     # A marker rewritten since (another run id), one removed, one added: read as they are now.
     commit(layout, "v1", "other-run")
     delete(layout.marker("v2"))
     commit(layout, "v6", "run")
-    now = layout.committed(refresh_index=True)
+    now = layout.committed()
     assert sorted(now) == ["v0", "v1", "v3", "v4", "v5", "v6"] and now["v1"]["run_id"] == "other-run"
-    assert sorted(p.rsplit("/", 1)[-1] for p in read) == ["v1.json", "v6.json"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in read) == ["v1.json", "v6.json"] and now.read_one_by_one == 2
+    layout.write_commit_index(now)
     read.clear()
     assert layout.committed() == now and read == []
     # A forged or stale line (v3 claiming another run) is not what the marker holds: the marker wins.
@@ -135,9 +137,10 @@ def test_commit_index_saves_reads_and_never_outvotes_a_marker(s3_env: str, monke
 def test_commit_index_is_not_written_where_listings_carry_no_content_hash(tmp_path: Path) -> None:
     layout = OutputLayout(str(tmp_path))
     commit(layout, "v0", "run")
-    markers = layout.committed(refresh_index=True)
+    markers = layout.committed()
     layout.write_commit_index(markers)
-    assert sorted(markers) == ["v0"] and not Path(layout.commit_index()).exists()
+    # Nothing counts as read one by one where no index could have served it.
+    assert sorted(markers) == ["v0"] and markers.read_one_by_one == 0 and not Path(layout.commit_index()).exists()
 
 
 def test_marker_is_one_json_line(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from dcfm import storage
 from dcfm.checkpoint import read_card
 from dcfm.decode import probe_video
 from dcfm.errors import ExitCode, JobFailure, SettingsConflict
-from dcfm.faults import Fault, Side, TransientFailure, classify, preflight
+from dcfm.faults import Fault, RetryPolicy, Side, TransientFailure, classify, preflight
 from dcfm.progress import ProgressBar
 from dcfm.segment.actor import ActorSettings, ChunkSegmenter, ChunkSummary
 from dcfm.segment.config import ActorResources, SegmentJobConfig, resolve_resources
@@ -183,9 +183,12 @@ def _run_segment_job(config: SegmentJobConfig, log: Callable[[str], None], stack
         preflight(config.output, config.checkpoint, retry, log=log)
         lease = stack.enter_context(OutputLease(config.output, run_id, config.lease, log))
     # Only network failures are worth waiting for here: an output this job may not list fails at once.
-    # The lease holder refreshes the commit index where markers had to be read one by one.
-    committed = retry.call(lambda: layout.committed(refresh_index=lease is not None), Side.OUTPUT,
-                           f"listing {redact(config.output)}", retry_on=frozenset({Fault.TRANSIENT}), log=log)
+    committed = retry.call(layout.committed, Side.OUTPUT, f"listing {redact(config.output)}",
+                           retry_on=frozenset({Fault.TRANSIENT}), log=log)
+    if lease is not None and committed.read_one_by_one:
+        # Now, not only at the end: a run that has nothing to do, or does not get there, still saves the next
+        # rerun these reads.
+        _write_commit_index(layout, committed, retry, log)
     summary = JobSummary(run_id=run_id, videos=len(items), skipped_files=inputs.skipped,
                          skipped_file_examples=inputs.skipped_examples)
     foreign = sorted({m["run_id"] for m in committed.values() if m["run_id"] != run_id})
@@ -309,15 +312,21 @@ def _run_segment_job(config: SegmentJobConfig, log: Callable[[str], None], stack
     retry.call(lambda: _write_manifest(layout, config, summary, digest, resolution, started), Side.OUTPUT,
                f"writing the run manifest to {redact(config.output)}", log=log)
     # Every marker now, read at the start or written since: the next run reads them from the index.
-    # A cache: a run whose work is all committed does not fail for want of it.
+    _write_commit_index(layout, committed, retry, log)
+    _print_summary(summary, log)
+    return summary
+
+
+def _write_commit_index(layout: OutputLayout, committed: dict[str, dict], retry: RetryPolicy,
+                        log: Callable[[str], None]) -> None:
+    """Write the commit index of every marker in ``committed``. A cache: a run whose work is committed does
+    not fail for want of it; it says so, and the next rerun reads each marker instead."""
     try:
         retry.call(lambda: layout.write_commit_index(committed), Side.OUTPUT,
-                   f"writing the commit index of {redact(config.output)}", log=log)
+                   f"writing the commit index of {redact(layout.root)}", log=log)
     except Exception as err:  # noqa: BLE001
         log(f"[segment] WARNING: could not write the commit index ({redact(str(err))}); the next rerun reads "
             f"every commit marker instead")
-    _print_summary(summary, log)
-    return summary
 
 
 def report_chunk(chunk: ChunkSummary, log: Callable[[str], None]) -> None:

@@ -47,6 +47,13 @@ COMMIT_INDEX = "_commits_index.ndjson.gz"
 KEYS_PER_REQUEST = 10
 
 
+class Committed(dict[str, dict[str, Any]]):
+    """video_id -> commit marker (``OutputLayout.committed``), and how many markers had to be read one by one
+    although the store could have served them from the commit index (0 where listings carry no ETags)."""
+
+    read_one_by_one: int = 0
+
+
 def table_for(schema_name: str, rows: dict[str, list]) -> pa.Table:
     """Build a table for the file schema of ``schema_name`` (partition columns dropped); validates types."""
     schema = output_schema(schema_name).file_schema
@@ -99,24 +106,24 @@ class OutputLayout:
         return storage.join(self.root, COMMIT_INDEX)
 
     # --- state ---------------------------------------------------------------------------------------------
-    def committed(self, refresh_index: bool = False) -> dict[str, dict[str, Any]]:
-        """video_id -> marker contents, for every committed video.
+    def committed(self) -> Committed:
+        """video_id -> marker contents, for every committed video (read only: the job refreshes the index).
 
         One listing of ``_commits/``. On an object store whose listing gives each marker's ETag (the MD5 of a
         single-PUT object), a marker whose line in the commit index has that MD5 is taken from the index: its
-        bytes are the marker's. The rest are read, concurrently (fsspec's ``cat`` of many paths). The markers
-        stay the source of truth: a marker rewritten, added or removed since the index was written is read
-        (or left out) as it is now. ``refresh_index``: rewrite the index when some markers had to be read;
-        only for the holder of the output's lease.
+        bytes are the marker's. The rest are read, concurrently (fsspec's ``cat`` of many paths), and counted in
+        ``Committed.read_one_by_one`` where an index could have saved them. The markers stay the source of
+        truth: a marker rewritten, added or removed since the index was written is read (or left out) as it
+        is now.
         """
         fs, path = storage.filesystem(storage.join(self.root, "_commits"))
         try:
             listed = fs.ls(path, detail=True, refresh=True)
         except FileNotFoundError:
-            return {}
+            return Committed()
         etags = {info["name"]: _etag(info) for info in listed if info["name"].endswith(".json")}
         index = self._read_index() if any(etags.values()) else {}
-        markers, fetch = {}, []
+        markers, fetch = Committed(), []
         for name, etag in etags.items():
             line = index.get(name.rsplit("/", 1)[-1][: -len(".json")])
             if etag is not None and line is not None and hashlib.md5(line, usedforsecurity=False).hexdigest() == etag:
@@ -127,11 +134,8 @@ class OutputLayout:
         for data in fs.cat(fetch, on_error="raise").values() if fetch else ():
             marker = json.loads(data)
             markers[marker["video_id"]] = marker
-        if refresh_index and fetch and any(etags.values()):
-            try:
-                self.write_commit_index(markers)
-            except Exception:  # noqa: BLE001 - a cache: without it the next rerun reads every marker, nothing worse
-                pass
+        if any(etags.values()):
+            markers.read_one_by_one = len(fetch)
         return markers
 
     def write_commit_index(self, markers: dict[str, dict[str, Any]]) -> None:
