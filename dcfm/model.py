@@ -33,6 +33,9 @@ METHOD notes, where this code departs from the authors' official code, and why:
   AR-Seg aligns with codec motion vectors and local attention): screened and reverted. Training on the gaps
   inference meets (``--max-delta 5``) lifts s = 0.5 at k = 6 (0.556 -> 0.564 causal) but lifts s = 1.0 as much, so
   at matched recipes the gap stays ~4 points at the full budget.
+  How much is information, not design: the s = 1.0 network given non-keyframes resized to half size and back
+  up (the same information, full-size shallow compute) loses 2.2 points at k = 6 at 64x128 but 0.4 at 128x256
+  (BENCHMARKS.md, seventh session), so at 128x256 the gap is this branch's design.
 
 * L2 norm and the channel half: the official code L2-normalises all of f_ind, then the FFM takes its first half;
   here the half is taken first and normalised by itself. Kept: the used channels then have unit norm whatever
