@@ -12,6 +12,7 @@ one small adapter class and registering its name prefix in ``ADAPTERS``.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -74,6 +75,11 @@ class BackboneAdapter(nn.Module):
     def deep(self, independent: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def shallow_copy(self) -> nn.Module:
+        """A module that maps images to f_ind as ``shallow`` does, with its own copy of the shallow weights (the
+        reduced-resolution non-key pass trains them apart from the keyframe's)."""
+        raise NotImplementedError
+
 
 class ResNetAdapter(BackboneAdapter):
     """Dilated ResNet (output stride 8) with PPM on the deep path; shallow = stem + maxpool + layer1."""
@@ -99,6 +105,9 @@ class ResNetAdapter(BackboneAdapter):
     def shallow(self, images: torch.Tensor) -> torch.Tensor:
         return self.stem(images)
 
+    def shallow_copy(self) -> nn.Module:
+        return copy.deepcopy(self.stem)
+
     def deep(self, independent: torch.Tensor) -> torch.Tensor:
         return self.ppm(self.body(independent))
 
@@ -120,6 +129,24 @@ class SegFormerMLPDecoder(nn.Module):
         ]
         # SegFormer concatenates the deepest stage first.
         return self.fuse(torch.cat(projected[::-1], dim=1))
+
+
+def _pvt_v2_shallow(patch_embed: nn.Module, first_block: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    x = patch_embed(images)  # B, H, W, C
+    size = (x.shape[1], x.shape[2])
+    tokens = first_block(x.flatten(1, 2), list(size))
+    return PVTv2Adapter._map(tokens, size)
+
+
+class _PVTv2Shallow(nn.Module):
+    """PVTv2's shallow layers on their own (``PVTv2Adapter.shallow_copy``)."""
+
+    def __init__(self, patch_embed: nn.Module, first_block: nn.Module) -> None:
+        super().__init__()
+        self.patch_embed, self.first_block = patch_embed, first_block
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return _pvt_v2_shallow(self.patch_embed, self.first_block, images)
 
 
 class PVTv2Adapter(BackboneAdapter):
@@ -154,10 +181,10 @@ class PVTv2Adapter(BackboneAdapter):
         return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, size[0], size[1]).contiguous()
 
     def shallow(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(images)  # B, H, W, C
-        size = (x.shape[1], x.shape[2])
-        tokens = self.first_stage.blocks[0](x.flatten(1, 2), list(size))
-        return self._map(tokens, size)
+        return _pvt_v2_shallow(self.patch_embed, self.first_stage.blocks[0], images)
+
+    def shallow_copy(self) -> nn.Module:
+        return _PVTv2Shallow(copy.deepcopy(self.patch_embed), copy.deepcopy(self.first_stage.blocks[0]))
 
     def deep(self, independent: torch.Tensor) -> torch.Tensor:
         tokens, size = self._tokens(independent)

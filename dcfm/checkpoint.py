@@ -22,7 +22,7 @@ from safetensors.torch import save as save_safetensors
 from dcfm import storage
 from dcfm.classes import default_class_names, default_palette
 from dcfm.data import IGNORE_INDEX
-from dcfm.model import DCFM, IMAGENET_MEAN, IMAGENET_STD, DCFMConfig, LowresCorrection
+from dcfm.model import DCFM, IMAGENET_MEAN, IMAGENET_STD, DCFMConfig, LowresCorrection, LowresShallow
 
 CHECKPOINT_FORMAT = "dcfm-checkpoint/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -79,6 +79,8 @@ class ModelCard:
             # Reduced-resolution cards written before the correction was selectable were trained with the first
             # (depthwise) one; their weights load into that architecture.
             recorded.setdefault("lowres_correction", LowresCorrection.DEPTHWISE.value)
+            # ... and those written before the reduced-resolution pass had its own shallow layers, with shared ones.
+            recorded.setdefault("lowres_shallow", LowresShallow.SHARED.value)
         config = DCFMConfig.from_dict(recorded)
         # Cards from before names and colours were recorded still load, with the documented defaults.
         names = data.get("class_names") or default_class_names(config.num_classes)
@@ -168,9 +170,11 @@ def load_checkpoint(uri: str | os.PathLike, device: torch.device | str = "cpu") 
     except RuntimeError as err:
         reduced = card.config.nonkey_scale < 1
         bridge = (f", non-key scale {card.config.nonkey_scale:g} with lowres_correction "
-                  f"{card.config.lowres_correction.value!r}" if reduced else "")
-        hint = (f"; a reduced-resolution card must name the correction its weights were trained with (cards "
-                f"without the field mean {LowresCorrection.DEPTHWISE.value!r})" if reduced else "")
+                  f"{card.config.lowres_correction.value!r} and lowres_shallow {card.config.lowres_shallow.value!r}"
+                  if reduced else "")
+        hint = (f"; a reduced-resolution card must name the correction and shallow layers its weights were trained "
+                f"with (cards without the fields mean {LowresCorrection.DEPTHWISE.value!r} and "
+                f"{LowresShallow.SHARED.value!r})" if reduced else "")
         raise CheckpointError(
             f"{uri}: weights do not fit the architecture in {CARD_FILE} "
             f"(backbone {card.config.backbone!r}, {card.config.num_classes} classes{bridge}){hint}: {err}"

@@ -9,7 +9,8 @@ Three entry points matter:
 Logits are returned at feature resolution; ``upsample_logits`` brings them to a label size.
 
 Reduced-resolution non-keyframes (AR-Seg with DCFM, ``DCFMConfig.nonkey_scale`` s < 1): a non-keyframe's
-shallow features are computed on the frame resized by s. ``CrossResolutionFusion`` (CReFF-style) aligns the
+shallow features are computed on the frame resized by s, by its own copy of the shallow layers
+(``LowresShallow.OWN``; the first version shared the keyframe's). ``CrossResolutionFusion`` (CReFF-style) aligns the
 keyframe's cached fusion term to the low-resolution independent feature by area resampling, and a zero-initialised
 residual corrects the low-resolution independent feature (its statistics differ from the full-resolution one's
 the FFM was fitted to): a 3x3 conv over all channels of the low-resolution f_ind, BN, ReLU, 1x1 conv, BN
@@ -78,6 +79,19 @@ class LowresCorrection(str, Enum):
     DEPTHWISE = "depthwise"
 
 
+class LowresShallow(str, Enum):
+    """Which shallow layers a reduced-resolution non-keyframe runs (reduced-resolution models only).
+
+    ``own`` (the default since its introduction): a copy of the backbone's shallow layers, initialised from
+    them and trained apart, so the keyframe's layers need not also serve frames whose objects are half as
+    large. ``shared``: the keyframe's own shallow layers; the first version, kept so that checkpoints trained
+    with it still load (their cards predate the field). Same compute either way.
+    """
+
+    OWN = "own"
+    SHARED = "shared"
+
+
 @dataclass
 class DCFMConfig:
     """Architecture of a DCFM network. ``None`` widths take the backbone family's official default."""
@@ -93,6 +107,8 @@ class DCFMConfig:
     nonkey_scale: float = 1.0
     # The cross-resolution fusion's learned correction (s < 1 only; see LowresCorrection).
     lowres_correction: LowresCorrection = LowresCorrection.CONV
+    # The shallow layers of the reduced-resolution pass (s < 1 only; see LowresShallow).
+    lowres_shallow: LowresShallow = LowresShallow.OWN
 
     def __post_init__(self) -> None:
         if not 0 < float(self.nonkey_scale) <= 1:
@@ -103,10 +119,16 @@ class DCFMConfig:
         except ValueError:
             raise ValueError(f"lowres_correction must be one of {[c.value for c in LowresCorrection]}, "
                              f"got {self.lowres_correction!r}") from None
+        try:
+            self.lowres_shallow = LowresShallow(self.lowres_shallow)
+        except ValueError:
+            raise ValueError(f"lowres_shallow must be one of {[c.value for c in LowresShallow]}, "
+                             f"got {self.lowres_shallow!r}") from None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["lowres_correction"] = self.lowres_correction.value
+        data["lowres_shallow"] = self.lowres_shallow.value
         return data
 
     @classmethod
@@ -289,6 +311,10 @@ class DCFM(nn.Module):
                                   config.lowres_correction)
             if config.nonkey_scale < 1 else None
         )
+        self.shallow_lowres = (
+            self.backbone.shallow_copy()
+            if config.nonkey_scale < 1 and config.lowres_shallow is LowresShallow.OWN else None
+        )
 
     # --- the building blocks, eqs. (1)-(6) -------------------------------------------------------------------
     def independent(self, images: torch.Tensor) -> torch.Tensor:
@@ -309,9 +335,11 @@ class DCFM(nn.Module):
 
     # --- reduced-resolution non-keyframes (nonkey_scale < 1) ------------------------------------------------------
     def independent_lowres(self, images: torch.Tensor) -> torch.Tensor:
-        """f_ind of full-resolution ``images`` resized by ``nonkey_scale``, the bridge's correction applied to the
-        half the FFM uses. The result goes to ``logits_from_term`` like any f_ind."""
-        independent = self.independent(resize_images(images, self.nonkey_scale))
+        """f_ind of full-resolution ``images`` resized by ``nonkey_scale`` (from the pass's own shallow layers,
+        ``LowresShallow.OWN``), the bridge's correction applied to the half the FFM uses. The result goes to
+        ``logits_from_term`` like any f_ind."""
+        small = resize_images(images, self.nonkey_scale)
+        independent = self.shallow_lowres(small) if self.shallow_lowres is not None else self.independent(small)
         if self.cross_resolution is None:
             return independent
         return self.cross_resolution.correct(independent)

@@ -9,14 +9,16 @@ import torch
 from dcfm.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from dcfm.inference import ClipSegmenter, InferenceConfig, KeyframePolicy, ReuseMode
 from dcfm.losses import LossWeights, dcfm_loss
-from dcfm.model import DCFM, DCFMConfig, LowresCorrection, upsample_logits
+from dcfm.model import DCFM, DCFMConfig, LowresCorrection, LowresShallow, upsample_logits
 
 H, W, N = 64, 96, 9
 
 
-def make(backbone: str, scale: float, correction: LowresCorrection = LowresCorrection.CONV) -> DCFM:
+def make(backbone: str, scale: float, correction: LowresCorrection = LowresCorrection.CONV,
+         shallow: LowresShallow = LowresShallow.OWN) -> DCFM:
     torch.manual_seed(0)
-    net = DCFM(DCFMConfig(backbone=backbone, num_classes=5, nonkey_scale=scale, lowres_correction=correction))
+    net = DCFM(DCFMConfig(backbone=backbone, num_classes=5, nonkey_scale=scale, lowres_correction=correction,
+                          lowres_shallow=shallow))
     for m in net.modules():  # random BN statistics (and a non-zero correction) so nothing is an identity
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -111,6 +113,38 @@ def test_half_scale_training_loss_reaches_the_cross_resolution_fusion() -> None:
     assert model.cross_resolution.conv[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "pvt_v2_b0"])
+def test_the_half_size_pass_trains_its_own_copy_of_the_shallow_layers(backbone) -> None:
+    from dcfm.train.recipe import OptimConfig, build_optimizer
+
+    torch.manual_seed(0)
+    model = DCFM(DCFMConfig(backbone=backbone, num_classes=5, nonkey_scale=0.5)).train()
+    assert model.config.lowres_shallow is LowresShallow.OWN
+    copy_ids = {id(p) for p in model.shallow_lowres.parameters()}
+    assert copy_ids and not copy_ids & {id(p) for p in model.backbone.parameters()}
+    images = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # a copy: the same function until training moves them apart
+        small = torch.nn.functional.interpolate(images, scale_factor=0.5)
+        assert torch.equal(model.eval().shallow_lowres(small), model.backbone.shallow(small))
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    out = model(torch.randn(2, 3, H, W, generator=gen), torch.randn(2, 3, H, W, generator=gen))
+    dcfm_loss(out, torch.randint(0, 5, (2, H, W), generator=gen), LossWeights(similarity=10.0)).total.backward()
+    first = next(model.shallow_lowres.parameters())  # the patch embedding / stem conv: the loss reaches it
+    assert first.grad is not None and first.grad.abs().sum() > 0
+    # It trains at the backbone's learning rate, not the decoder's (10x in the AdamW recipe).
+    encoder, decoder = build_optimizer(model, OptimConfig(name="adamw", lr=1e-3, decoder_lr_mult=10)).param_groups
+    assert copy_ids <= {id(p) for p in encoder["params"]} and not copy_ids & {id(p) for p in decoder["params"]}
+    assert encoder["lr"] == 1e-3 and decoder["lr"] == 1e-2
+    # The first version's shared layers, and s = 1, build no copy (their state dicts are unchanged).
+    shared = DCFM(DCFMConfig(backbone=backbone, num_classes=5, nonkey_scale=0.5, lowres_shallow="shared"))
+    full = DCFM(DCFMConfig(backbone=backbone, num_classes=5))
+    assert shared.shallow_lowres is None and full.shallow_lowres is None
+    assert not any(k.startswith("shallow_lowres.") for k in {**shared.state_dict(), **full.state_dict()})
+    with pytest.raises(ValueError, match="lowres_shallow must be one of"):
+        DCFMConfig(nonkey_scale=0.5, lowres_shallow="mine")
+
+
 def test_half_scale_checkpoint_round_trips(tmp_path, frames) -> None:
     from dcfm.train.recipe import OptimConfig, PairBatch, build_optimizer, train_step
 
@@ -153,15 +187,18 @@ def test_first_version_half_scale_checkpoints_still_load(tmp_path, frames) -> No
     # Cards written before the correction was selectable have no lowres_correction: they were depthwise models.
     import json
 
-    model = make("resnet18", 0.5, LowresCorrection.DEPTHWISE)
+    # ... and no lowres_shallow either: their half-size pass shared the keyframe's shallow layers.
+    model = make("resnet18", 0.5, LowresCorrection.DEPTHWISE, LowresShallow.SHARED)
     card = ModelCard(model.config, [f"c{i}" for i in range(5)], [(i, i, i) for i in range(5)], train_size=(H, W))
     save_checkpoint(tmp_path / "old", model, card)
     card_path = tmp_path / "old" / "dcfm.json"
     data = json.loads(card_path.read_text())
     assert data["config"].pop("lowres_correction") == "depthwise"
+    assert data["config"].pop("lowres_shallow") == "shared"
     card_path.write_text(json.dumps(data))
     loaded = load_checkpoint(tmp_path / "old")
     assert loaded.card.config.lowres_correction is LowresCorrection.DEPTHWISE
+    assert loaded.card.config.lowres_shallow is LowresShallow.SHARED
     config = InferenceConfig(keyframes=KeyframePolicy(interval=3), return_logits=True)
     for a, b in zip(ClipSegmenter(model, config).segment(frames), ClipSegmenter(loaded.model, config).segment(frames)):
         assert torch.equal(a.logits, b.logits)

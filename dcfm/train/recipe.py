@@ -133,11 +133,13 @@ class OptimConfig:
 
 
 def build_optimizer(model: DCFM, config: OptimConfig) -> torch.optim.Optimizer:
-    """Two parameter groups: the timm backbone, and everything after it (projection, FFM, head, PPM/decoder
-    count as backbone only where timm owns them)."""
+    """Two parameter groups: the timm backbone (with the reduced-resolution pass's copy of its shallow layers),
+    and everything after it (projection, FFM, head, PPM/decoder count as backbone only where timm owns them)."""
     cfg = config.resolved(model.config.backbone)
     bare = getattr(model, "module", model)
     timm_params = {id(p) for name, p in bare.backbone.named_parameters() if not name.startswith(("ppm.", "decoder."))}
+    if bare.shallow_lowres is not None:  # a copy of timm's shallow layers (reduced-resolution pass): trained as they are
+        timm_params |= {id(p) for p in bare.shallow_lowres.parameters()}
     encoder = [p for p in bare.parameters() if id(p) in timm_params]
     decoder = [p for p in bare.parameters() if id(p) not in timm_params]
     groups = [
