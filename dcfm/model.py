@@ -22,21 +22,15 @@ and runs exactly the original code.
 
 METHOD notes, where this code departs from the authors' official code, and why:
 
-* Reduced resolution, measured on the synth training benchmark (BENCHMARKS.md, issue 11; 64x128 frames, so a
-  half-size non-keyframe is 32x64 and its f_ind an 8x16 grid): s = 0.5 stays 3-4 points of non-keyframe mIoU
-  below s = 1.0 (4.1 at k = 6, 3.0 at k = 2, with the conv correction). Neither of the two suspects checked
-  accounts for that: BatchNorm running statistics shared by the full- and half-size passes (recalibrating them
-  on half-size passes only gains 0.4-0.5 points) and the capacity of the correction (the conv correction gains
-  1.2-1.4 points over the depthwise one at the benchmark's full budget). The loss is concentrated in small objects
-  (car, person). A frame twice as large (128x256, 400 steps) shrank the k = 6 gap only from 2.9 to 2.1 points, and
-  distilling the keyframe logits into the half-size pass gained nothing. Nor did aligning the keyframe's term to the
-  current frame with a learned flow (a local correlation of shallow-feature embeddings, soft-argmax, one warp;
-  AR-Seg aligns with codec motion vectors and local attention): screened and reverted. Training on the gaps
-  inference meets (``--max-delta 5``) lifts s = 0.5 at k = 6 (0.556 -> 0.564 causal) but lifts s = 1.0 as much, so
-  at matched recipes the gap stays ~4 points at the full budget.
-  How much is information, not design: the s = 1.0 network given non-keyframes resized to half size and back
-  up (the same information, full-size shallow compute) loses 2.2 points at k = 6 at 64x128 but 0.4 at 128x256
-  (BENCHMARKS.md, seventh session), so at 128x256 the gap is this branch's design.
+* Reduced resolution, measured on the synth training benchmark (BENCHMARKS.md, issue 11): with its own shallow
+  layers (``LowresShallow.OWN``) s = 0.5 is 0.2 / 0.4 points of non-keyframe mIoU below s = 1.0 at k = 6 (causal /
+  bidirectional) at 128x256 frames (400 steps), and 3.0 / 2.9 at 64x128 (1365 steps), where a half-size frame is
+  32x64 and its f_ind an 8x16 grid. At 64x128 most of that is information, not design: the s = 1.0 network given
+  non-keyframes resized to half size and back up (the same pixels, 4x the shallow compute) is itself 2.2 / 2.3
+  below s = 1.0, and 0.4 / 0.4 at 128x256. With the keyframe's shared shallow layers (the first version) the
+  gaps were 2.1 / 2.3 and 4.1 / 4.1; the levers screened against those moved them by at most ~1.4 points: the conv
+  correction (kept), BN statistics recalibrated for the half-size pass, logit distillation, a 10x FST weight,
+  a learned flow aligning the keyframe term (reverted), and neighbours 1..5 frames away (lifts s = 1.0 alike).
 
 * L2 norm and the channel half: the official code L2-normalises all of f_ind, then the FFM takes its first half;
   here the half is taken first and normalised by itself. Kept: the used channels then have unit norm whatever
