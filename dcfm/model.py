@@ -24,7 +24,8 @@ METHOD notes, where this code departs from the authors' official code, and why:
 
 * Reduced resolution, measured on the synth training benchmark (BENCHMARKS.md, issue 11): with its own shallow
   layers (``LowresShallow.OWN``) s = 0.5 is 0.2 / 0.4 points of non-keyframe mIoU below s = 1.0 at k = 6 (causal /
-  bidirectional) at 128x256 frames (400 steps), and 3.0 / 2.9 at 64x128 (1365 steps), where a half-size frame is
+  bidirectional) at 128x256 frames after 400 steps (1.4 / 1.1 above it after 800), and 3.0 / 2.9 below at
+  64x128 (1365 steps), where a half-size frame is
   32x64 and its f_ind an 8x16 grid. At 64x128 most of that is information, not design: the s = 1.0 network given
   non-keyframes resized to half size and back up (the same pixels, 4x the shallow compute) is itself 2.2 / 2.3
   below s = 1.0, and 0.4 / 0.4 at 128x256. With the keyframe's shared shallow layers (the first version) the
