@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -262,6 +263,27 @@ def test_a_run_recorded_before_reduced_resolution_still_resumes(tmp_path: Path, 
     with pytest.raises(RunMismatchError, match=r"nonkey_scale: 1.0 -> 0.5"):
         _check_same_run(TrainJobConfig(data=str(synth_root), output=str(tmp_path / "run"), steps=10,
                                        loss=LossWeights(0.4, 10.0), nonkey_scale=0.5), record)
+
+
+def test_a_half_scale_run_resumes_with_the_shallow_layers_it_started_with(tmp_path: Path, synth_root: Path) -> None:
+    """A reduced-resolution run begun before the half-size pass had its own shallow layers resumes as it began
+    (shared layers), not with today's default, and its later checkpoints say so."""
+    from dcfm.model import LowresShallow
+    from dcfm.train.loop import _setup
+
+    config = TrainJobConfig(data=str(synth_root), output=str(tmp_path / "run"), steps=10, nonkey_scale=0.5,
+                            augment=AugmentConfig(crop=(H, W)))
+    fresh = _setup(config, 0, 1, torch.device("cpu"), None)
+    assert fresh.model.config.lowres_shallow is LowresShallow.OWN
+    old_config = replace(fresh.card.config, lowres_shallow=LowresShallow.SHARED)
+    old_model = DCFM(old_config)
+    save_training_checkpoint(tmp_path / "ckpt", old_model, replace(fresh.card, config=old_config),
+                             build_optimizer(old_model, config.optim), TrainState(3, [0], []))
+    resumed = _setup(config, 0, 1, torch.device("cpu"), (str(tmp_path / "ckpt"), "its storage"))
+    assert resumed.model.shallow_lowres is None and resumed.state.step == 3
+    assert resumed.card.config.lowres_shallow is LowresShallow.SHARED
+    for name, tensor in old_model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])

@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dcfm.checkpoint import CheckpointError, ModelCard, load_checkpoint
+from dcfm.checkpoint import CheckpointError, ModelCard, load_checkpoint, read_card
 from dcfm.losses import LossWeights
 from dcfm.model import DCFM, DCFMConfig
 from dcfm.train.config import TrainJobConfig
@@ -140,6 +140,12 @@ def _setup(config: TrainJobConfig, rank: int, world: int, device: torch.device, 
                         config.seed, rank)
     model_config = DCFMConfig(config.backbone, num_classes=len(dataset.classes),
                               pretrained_backbone=config.pretrained_backbone, nonkey_scale=config.nonkey_scale)
+    if resume is not None:
+        # A run keeps the reduced-resolution bridge it started with: the job has no setting for these choices,
+        # whose defaults changed between versions, and a run begun under the old ones must still resume.
+        started_with = read_card(resume[0])[0].config
+        model_config = replace(model_config, lowres_correction=started_with.lowres_correction,
+                               lowres_shallow=started_with.lowres_shallow)
     torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = DCFM(model_config)
     state, restored = TrainState(), None
