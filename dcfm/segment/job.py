@@ -320,10 +320,12 @@ def _run_segment_job(config: SegmentJobConfig, log: Callable[[str], None], stack
 def _write_commit_index(layout: OutputLayout, committed: dict[str, dict], retry: RetryPolicy,
                         log: Callable[[str], None]) -> None:
     """Write the commit index of every marker in ``committed``. A cache: a run whose work is committed does
-    not fail for want of it; it says so, and the next rerun reads each marker instead."""
+    not fail for want of it, nor wait out a refusal (only network failures are retried); it says so, and the
+    next rerun reads each marker instead."""
     try:
         retry.call(lambda: layout.write_commit_index(committed), Side.OUTPUT,
-                   f"writing the commit index of {redact(layout.root)}", log=log)
+                   f"writing the commit index of {redact(layout.root)}", retry_on=frozenset({Fault.TRANSIENT}),
+                   log=log)
     except Exception as err:  # noqa: BLE001
         log(f"[segment] WARNING: could not write the commit index ({redact(str(err))}); the next rerun reads "
             f"every commit marker instead")
