@@ -25,10 +25,9 @@ METHOD notes, where this code departs from the authors' official code, and why:
 * Reduced resolution, measured on the synth training benchmark (BENCHMARKS.md, issue 11): with its own shallow
   layers (``LowresShallow.OWN``) s = 0.5 is 0.2 / 0.4 points of non-keyframe mIoU below s = 1.0 at k = 6 (causal /
   bidirectional) at 128x256 frames after 400 steps (1.4 / 1.1 above it after 800), and 3.0 / 2.9 below at
-  64x128 (1365 steps), where a half-size frame is
-  32x64 and its f_ind an 8x16 grid. At 64x128 most of that is information, not design: the s = 1.0 network given
-  non-keyframes resized to half size and back up (the same pixels, 4x the shallow compute) is itself 2.2 / 2.3
-  below s = 1.0, and 0.4 / 0.4 at 128x256. With the keyframe's shared shallow layers (the first version) the
+  64x128 (1365 steps), where a half-size frame is 32x64 and its f_ind an 8x16 grid. At 64x128 most of that is
+  information, not design: the s = 1.0 network given non-keyframes resized to half size and back up (the same
+  pixels, 4x the shallow compute) is itself 2.2 / 2.3 below s = 1.0, and 0.4 / 0.4 at 128x256. With the keyframe's shared shallow layers (the first version) the
   gaps were 2.1 / 2.3 and 4.1 / 4.1; the levers screened against those moved them by at most ~1.4 points: the conv
   correction (kept), BN statistics recalibrated for the half-size pass, logit distillation, a 10x FST weight,
   a learned flow aligning the keyframe term (reverted), and neighbours 1..5 frames away (lifts s = 1.0 alike).
