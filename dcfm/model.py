@@ -27,10 +27,11 @@ METHOD notes, where this code departs from the authors' official code, and why:
   bidirectional) at 128x256 frames after 400 steps (1.4 / 1.1 above it after 800), and 3.0 / 2.9 below at
   64x128 (1365 steps), where a half-size frame is 32x64 and its f_ind an 8x16 grid. At 64x128 most of that is
   information, not design: the s = 1.0 network given non-keyframes resized to half size and back up (the same
-  pixels, 4x the shallow compute) is itself 2.2 / 2.3 below s = 1.0, and 0.4 / 0.4 at 128x256. With the keyframe's shared shallow layers (the first version) the
-  gaps were 2.1 / 2.3 and 4.1 / 4.1; the levers screened against those moved them by at most ~1.4 points: the conv
-  correction (kept), BN statistics recalibrated for the half-size pass, logit distillation, a 10x FST weight,
-  a learned flow aligning the keyframe term (reverted), and neighbours 1..5 frames away (lifts s = 1.0 alike).
+  pixels, 4x the shallow compute) is itself 2.2 / 2.3 below s = 1.0, and 0.4 / 0.4 at 128x256. With the
+  keyframe's shared shallow layers (the first version) the gaps were 2.1 / 2.3 and 4.1 / 4.1; the levers
+  screened against those moved them by at most ~1.4 points: the conv correction (kept), BN statistics
+  recalibrated for the half-size pass, logit distillation, a 10x FST weight, a learned flow aligning the
+  keyframe term (reverted), and neighbours 1..5 frames away (lifts s = 1.0 alike).
 
 * L2 norm and the channel half: the official code L2-normalises all of f_ind, then the FFM takes its first half;
   here the half is taken first and normalised by itself. Kept: the used channels then have unit norm whatever
@@ -49,13 +50,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dcfm.backbones import BackboneAdapter, create_backbone
+
+E = TypeVar("E", bound=Enum)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -86,6 +89,14 @@ class LowresShallow(str, Enum):
     SHARED = "shared"
 
 
+def _member(enum: type[E], value: Any, field: str) -> E:
+    """``value`` as a member of ``enum`` (a member or its value), or an error naming ``field`` and the choices."""
+    try:
+        return enum(value)
+    except ValueError:
+        raise ValueError(f"{field} must be one of {[m.value for m in enum]}, got {value!r}") from None
+
+
 @dataclass
 class DCFMConfig:
     """Architecture of a DCFM network. ``None`` widths take the backbone family's official default."""
@@ -108,16 +119,8 @@ class DCFMConfig:
         if not 0 < float(self.nonkey_scale) <= 1:
             raise ValueError(f"nonkey_scale must be in (0, 1], got {self.nonkey_scale}")
         self.nonkey_scale = float(self.nonkey_scale)
-        try:
-            self.lowres_correction = LowresCorrection(self.lowres_correction)
-        except ValueError:
-            raise ValueError(f"lowres_correction must be one of {[c.value for c in LowresCorrection]}, "
-                             f"got {self.lowres_correction!r}") from None
-        try:
-            self.lowres_shallow = LowresShallow(self.lowres_shallow)
-        except ValueError:
-            raise ValueError(f"lowres_shallow must be one of {[c.value for c in LowresShallow]}, "
-                             f"got {self.lowres_shallow!r}") from None
+        self.lowres_correction = _member(LowresCorrection, self.lowres_correction, "lowres_correction")
+        self.lowres_shallow = _member(LowresShallow, self.lowres_shallow, "lowres_shallow")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -122,7 +122,8 @@ class OutputLayout:
         except FileNotFoundError:
             return Committed()
         etags = {info["name"]: _etag(info) for info in listed if info["name"].endswith(".json")}
-        index = self._read_index() if any(etags.values()) else {}
+        indexable = any(etags.values())  # the store's listings carry content hashes
+        index = self._read_index() if indexable else {}
         markers, fetch = Committed(), []
         for name, etag in etags.items():
             line = index.get(name.rsplit("/", 1)[-1][: -len(".json")])
@@ -134,7 +135,7 @@ class OutputLayout:
         for data in fs.cat(fetch, on_error="raise").values() if fetch else ():
             marker = json.loads(data)
             markers[marker["video_id"]] = marker
-        if any(etags.values()):
+        if indexable:
             markers.read_one_by_one = len(fetch)
         return markers
 

@@ -138,7 +138,7 @@ def build_optimizer(model: DCFM, config: OptimConfig) -> torch.optim.Optimizer:
     cfg = config.resolved(model.config.backbone)
     bare = getattr(model, "module", model)
     timm_params = {id(p) for name, p in bare.backbone.named_parameters() if not name.startswith(("ppm.", "decoder."))}
-    if bare.shallow_lowres is not None:  # a copy of timm's shallow layers (reduced-resolution pass): trained as they are
+    if bare.shallow_lowres is not None:  # the reduced-resolution pass's copy of timm's shallow layers
         timm_params |= {id(p) for p in bare.shallow_lowres.parameters()}
     encoder = [p for p in bare.parameters() if id(p) in timm_params]
     decoder = [p for p in bare.parameters() if id(p) not in timm_params]
