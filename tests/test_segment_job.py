@@ -174,6 +174,10 @@ def test_run_manifest_records_settings_counts_and_where_the_time_went(clean_run,
     # The defaults filled the 2-CPU cluster: two actors of one CPU each.
     assert manifest["resources"]["min_actors"] == manifest["resources"]["max_actors"] == 2
     assert sum(a["chunks"] for a in manifest["actors"].values()) == summary.chunks
+    # Each actor's CPU time is counted, so a reader can hold the cores it used against --cpus-per-actor: some
+    # CPU while busy, and no more than the machine's cores allow in that time.
+    for actor in manifest["actors"].values():
+        assert 0 < actor["cpu_s"] <= (os.cpu_count() or 1) * actor["seconds"] + 0.05
     timings = manifest["timings"]
     stages = timings["actor_s"]
     # The actors' time splits into its stages (set-up outside them is small), all within the job's wall time.

@@ -97,6 +97,9 @@ class ChunkSummary:
     model_s: float = 0.0
     rows_s: float = 0.0
     write_s: float = 0.0
+    # CPU seconds of the actor's whole process over the chunk (the model, decoder and mask threads, Ray's own):
+    # over ``seconds`` it is the cores the actor used, to hold against its --cpus-per-actor.
+    cpu_s: float = 0.0
     peak_rss_mb: float = 0.0  # the actor's peak resident memory after this chunk
     # Unix time the actor that ran this chunk had its model loaded. Wall clock, because the driver must
     # compare it with its own start; nodes of one cluster agree to well under a second (NTP).
@@ -211,7 +214,7 @@ class ChunkSegmenter:
 
     def run(self, task: ChunkTask) -> ChunkSummary:
         """Segment one chunk; any failure becomes a failed summary, never an exception."""
-        begin = time.perf_counter()
+        begin, begin_cpu = time.perf_counter(), time.process_time()
         base = ChunkSummary(
             task.video_id, redact(task.uri), task.chunk_index, task.num_chunks, status="ok", start=task.start,
             stop=task.stop, probe=asdict(task.probe) if task.probe else None, actor_ready_at=self.ready_at,
@@ -238,6 +241,7 @@ class ChunkSegmenter:
             summary = replace(base, status="failed", error=asdict(error))
         if not summary.reused:
             summary.seconds = time.perf_counter() - begin
+            summary.cpu_s = time.process_time() - begin_cpu
         # ru_maxrss is the actor process's peak so far (KiB on Linux): memory stays bounded when it does not
         # grow with video length.
         summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -249,9 +253,9 @@ class ChunkSegmenter:
             reused = self._staged_summary(task)
             if reused is not None:
                 return reused
-        begin = time.perf_counter()
+        begin, begin_cpu = time.perf_counter(), time.process_time()
         summary = self._segment(task, base)
-        summary.seconds = time.perf_counter() - begin
+        summary.seconds, summary.cpu_s = time.perf_counter() - begin, time.process_time() - begin_cpu
         # Written after the chunk's Parquet file: its presence says the chunk is staged in full, so a
         # rerun after a killed driver reuses it instead of recomputing it.
         uri = self.layout.staging_summary(self.settings.run_id, task.video_id, task.chunk_index)

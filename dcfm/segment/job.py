@@ -31,7 +31,7 @@ from dcfm.storage import redact
 from dcfm.telemetry import SegmentTelemetry
 
 # ChunkSummary's timing fields, summed over chunks: where the actors' time went.
-ACTOR_STAGES = ("seconds", "model_s", "decode_wait_s", "rows_s", "write_s")
+ACTOR_STAGES = ("seconds", "model_s", "decode_wait_s", "rows_s", "write_s", "cpu_s")
 PACKAGES = ("dcfm", "torch", "timm", "ray", "pyarrow", "av", "numpy", "s3fs")
 
 
@@ -84,7 +84,7 @@ class JobSummary:
     # From the first chunk an actor started (its wall clock) until the driver had the last chunk: the work
     # itself, without start-up.
     work_s: float = 0.0
-    # "node_id:pid" -> chunks, frames and busy seconds of each actor that computed chunks
+    # "node_id:pid" -> chunks, frames, busy seconds and CPU seconds of each actor that computed chunks
     actors: dict[str, dict[str, float]] = field(default_factory=dict)
     resources: ActorResources | None = None
     planned_frames: int = 0  # frames of the videos whose chunks have started arriving
@@ -286,10 +286,12 @@ def _run_segment_job(config: SegmentJobConfig, log: Callable[[str], None], stack
             summary.startup_s = min(summary.startup_s, ready_s) if summary.startup_s else ready_s
             for stage in ACTOR_STAGES:
                 summary.actor_s[stage] += getattr(chunk, stage)
-            actor = summary.actors.setdefault(f"{chunk.node_id}:{chunk.pid}", {"chunks": 0, "frames": 0, "seconds": 0.0})
+            actor = summary.actors.setdefault(f"{chunk.node_id}:{chunk.pid}",
+                                              {"chunks": 0, "frames": 0, "seconds": 0.0, "cpu_s": 0.0})
             actor["chunks"] += 1
             actor["frames"] += chunk.frames
             actor["seconds"] += chunk.seconds
+            actor["cpu_s"] += chunk.cpu_s
         report_chunk(chunk, log)
         if state.complete():
             video, errors, publish = video_row(state, run_id, digest)
@@ -538,7 +540,8 @@ def _print_summary(s: JobSummary, log: Callable[[str], None]) -> None:
         share = {stage: 100 * s.actor_s[stage] / busy for stage in ACTOR_STAGES}
         log(f"[segment] actors busy {busy:.1f}s: model {share['model_s']:.0f}%, waiting on decode "
             f"{share['decode_wait_s']:.0f}%, masks and metrics {share['rows_s']:.0f}%, Parquet writes "
-            f"{share['write_s']:.0f}%; first actor ready after {s.startup_s:.1f}s")
+            f"{share['write_s']:.0f}%; {s.actor_s['cpu_s'] / busy:.2f} cores used per busy actor (reserved: "
+            f"{s.resources.cpus_per_actor:g}); first actor ready after {s.startup_s:.1f}s")
 
 
 def _write_manifest(layout: OutputLayout, config: SegmentJobConfig, s: JobSummary, digest: str,
