@@ -91,8 +91,8 @@ def actors_benchmark(work: Path, frames: int, chunk: int, gop_seconds: float | N
             work_s = manifest["timings"]["work_s"]
             results[actors].append(work_s)
             ran = ", ".join(f"{k.split(':')[1]} ({v['chunks']})" for k, v in manifest["actors"].items())
-            # CPU over busy time of the actors' processes: a lone 1-CPU actor also runs its decoder and mask
-            # threads on the core it leaves free, which two actors cannot; that bounds the speed-up.
+            # The cores each actor's process used while busy: a lone actor gets its core (and the other one for
+            # its decoder and mask threads); two share both cores with Ray's own processes.
             cores = sum(a["cpu_s"] for a in manifest["actors"].values()) / manifest["timings"]["actor_s"]["seconds"]
             print(f"| {repeat + 1} | {actors} x 1 | {summary.chunks} | {work_s:.1f} | {summary.seconds:.1f} | "
                   f"{summary.frames / work_s:.1f} | {cores:.2f} | {ran} |", flush=True)
