@@ -93,7 +93,8 @@ def actors_benchmark(work: Path, frames: int, chunk: int, gop_seconds: float | N
             ran = ", ".join(f"{k.split(':')[1]} ({v['chunks']})" for k, v in manifest["actors"].items())
             # The cores each actor's process used while busy: a lone actor gets its core (and the other one for
             # its decoder and mask threads); two share both cores with Ray's own processes.
-            cores = sum(a["cpu_s"] for a in manifest["actors"].values()) / manifest["timings"]["actor_s"]["seconds"]
+            busy = manifest["timings"]["actor_s"]
+            cores = busy["cpu_s"] / busy["seconds"]
             print(f"| {repeat + 1} | {actors} x 1 | {summary.chunks} | {work_s:.1f} | {summary.seconds:.1f} | "
                   f"{summary.frames / work_s:.1f} | {cores:.2f} | {ran} |", flush=True)
         same = same and frame_rows(work / "out-1") == frame_rows(work / "out-2")
